@@ -1,0 +1,1 @@
+"""Question -> top-k doc ids -> merged adapter -> vLLM -> answer; evaluation and serving."""

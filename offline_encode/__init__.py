@@ -1,0 +1,1 @@
+"""Augmented data -> per-document LoRA adapters (batched trainer, Ray) -> adapter store."""

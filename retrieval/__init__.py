@@ -1,0 +1,1 @@
+"""Corpus -> embeddings -> FAISS index (+ doc store, manifest) -> Retriever."""
