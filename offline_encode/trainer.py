@@ -1,0 +1,314 @@
+"""The batched multi-document LoRA trainer: the paper's per-document loop, n documents at a time.
+
+Why it is exact. Step t trains example t of n documents at once; batch row i uses document i's own
+A_i, B_i (stacked parameters ``[n, r, in]`` / ``[n, out, r]`` per target module, applied with
+``torch.bmm`` from forward hooks on the frozen base model). The loss is ``sum_i mean_tokens(CE_i)``;
+rows never interact in a causal LM, so dLoss/dA_i is exactly the gradient of document i's own loss,
+and AdamW is element-wise, so each document follows the trajectory of training it alone
+(``tests/test_trainer.py`` checks this against a plain PEFT loop).
+
+Why it is fast. No padding to a fixed length: documents are sorted by (number of steps, total tokens)
+before being grouped, and each step pads only to its longest row (right padding, so no attention mask
+is needed). Documents within a group are ordered by number of steps, so the documents still training
+at step s are always a prefix of the group: the step uses the views ``A[:k]``, never an index gather.
+Logits and cross-entropy are computed ``loss_chunk_tokens`` positions at a time under activation
+checkpointing, so a 128k vocabulary never materialises more than one chunk of logits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from offline_encode.config import EncodeConfig, lora_key
+from offline_encode.device import resolve_device, resolve_dtype
+from offline_encode.lora_math import adamw_update_, batched_lora_delta, weighted_token_ce
+from prag.errors import PragError
+
+Adapter = dict[str, Tensor]
+
+
+def target_module_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Full names of the Linear modules a LoRA with ``targets`` would wrap (PEFT's suffix matching)."""
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    found: list[str] = []
+    missing = []
+    for target in targets:
+        matches = [n for n in linear_names if n == target or n.endswith("." + target)]
+        if not matches:
+            missing.append(target)
+        found.extend(matches)
+    if missing:
+        available = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+        raise PragError(f"LoRA target module(s) {missing} not found in the model; "
+                        f"available Linear module names: {available}")
+    order = {name: i for i, name in enumerate(linear_names)}
+    return sorted(set(found), key=order.__getitem__)
+
+
+def _linear_skeleton(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A module tree holding only the target Linear layers (uninitialised fp32 weights, same names and order).
+
+    PEFT's random init depends only on the order and shapes of the wrapped layers, so initialising on
+    this skeleton gives the same tensors as on the model, whatever the model's dtype or device, without
+    touching the model or consuming its memory.
+    """
+    modules = dict(model.named_modules())
+    root = nn.Module()
+    for name in names:
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if part not in parent._modules:
+                parent.add_module(part, nn.Module())
+            parent = parent._modules[part]
+        base = modules[name]
+        parent.add_module(leaf, torch.nn.utils.skip_init(nn.Linear, base.in_features, base.out_features,
+                                                         bias=False))
+    return root
+
+
+def make_init_adapter(model: nn.Module, cfg: EncodeConfig = EncodeConfig()) -> Adapter:
+    """The one shared initial adapter: PEFT's LoRA init (A kaiming-uniform, B zeros) under ``init_seed``.
+
+    Equal to reading the tensors of ``get_peft_model(model, LoraConfig(r, lora_alpha, target_modules,
+    lora_dropout=0))`` built right after ``torch.manual_seed(cfg.init_seed)`` on an fp32 model; the global
+    RNG state is left as it was.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    names = target_module_names(model, cfg.target_modules)
+    skeleton = _linear_skeleton(model, names)
+    lora_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
+                          lora_dropout=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        peft_model = get_peft_model(skeleton, lora_cfg)
+    wrapped = dict(peft_model.base_model.model.named_modules())
+    adapter: Adapter = {}
+    for name in names:
+        layer = wrapped[name]
+        adapter[lora_key(name, "A")] = layer.lora_A["default"].weight.detach().to(torch.float32).clone()
+        adapter[lora_key(name, "B")] = layer.lora_B["default"].weight.detach().to(torch.float32).clone()
+    return adapter
+
+
+def check_adapter(adapter: Adapter, model: nn.Module, names: Sequence[str], rank: int, what: str = "adapter") -> None:
+    """Clear error when an adapter's keys or shapes do not fit the model and rank."""
+    modules = dict(model.named_modules())
+    expected = {lora_key(n, w) for n in names for w in "AB"}
+    if set(adapter) != expected:
+        extra, missing = sorted(set(adapter) - expected)[:3], sorted(expected - set(adapter))[:3]
+        raise PragError(f"{what} does not match the model's LoRA targets: missing keys {missing}, "
+                        f"unexpected keys {extra}")
+    for name in names:
+        lin = modules[name]
+        for which, shape in (("A", (rank, lin.in_features)), ("B", (lin.out_features, rank))):
+            got = tuple(adapter[lora_key(name, which)].shape)
+            if got != shape:
+                raise PragError(f"{what}: {lora_key(name, which)} has shape {list(got)}, expected {list(shape)} "
+                                f"(rank {rank})")
+
+
+def load_base_model(path: str | Path, device: torch.device, dtype: torch.dtype):
+    """Frozen HF causal LM + tokenizer from a local directory (safetensors only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).exists():
+        raise PragError(f"--model: {path} does not exist (expected a HF model directory)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                     attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        raise PragError(f"--model: cannot load a causal LM from {path}: {exc}") from None
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+@dataclass
+class TrainStats:
+    """What the last ``train`` call did; ``padding_fraction`` is pad tokens / tokens processed."""
+
+    docs: int = 0
+    steps: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def padding_fraction(self) -> float:
+        total = self.tokens + self.padded_tokens
+        return self.padded_tokens / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {"docs": self.docs, "steps": self.steps, "tokens": self.tokens, "padded_tokens": self.padded_tokens,
+                "padding_fraction": self.padding_fraction, "seconds": self.seconds}
+
+
+@dataclass
+class _Active:
+    """The adapters of the group being trained and how many of its rows are in the current step."""
+
+    a: dict[str, Tensor]
+    b: dict[str, Tensor]
+    k: int = 0
+
+
+class BatchedLoraTrainer:
+    """Loads the frozen base model once and trains one LoRA adapter per document, n documents per step."""
+
+    def __init__(self, model_or_path, cfg: EncodeConfig = EncodeConfig(), init_adapter: Adapter | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.compute_dtype, self.device)
+        self.tokenizer = None
+        if isinstance(model_or_path, (str, Path)):
+            self.model, self.tokenizer = load_base_model(model_or_path, self.device, self.dtype)
+        else:
+            self.model = model_or_path.to(device=self.device, dtype=self.dtype)
+            self.model.eval()
+            self.model.requires_grad_(False)
+        if getattr(self.model.config, "final_logit_softcapping", None):
+            raise PragError("models with final_logit_softcapping are not supported by the batched trainer")
+        self.module_names = target_module_names(self.model, cfg.target_modules)
+        if init_adapter is None:
+            init_adapter = make_init_adapter(self.model, cfg)
+        check_adapter(init_adapter, self.model, self.module_names, cfg.rank, "init adapter")
+        self.init_adapter = {k: v.detach().to(torch.float32).cpu() for k, v in init_adapter.items()}
+        self._decoder = getattr(self.model, self.model.base_model_prefix)
+        self._lm_head = self.model.get_output_embeddings()
+        self._pad_id = 0
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
+            self._pad_id = self.tokenizer.pad_token_id
+        self._active: _Active | None = None
+        modules = dict(self.model.named_modules())
+        self._hooks = [modules[name].register_forward_hook(self._make_hook(name)) for name in self.module_names]
+        self.last_stats = TrainStats()
+
+    def _make_hook(self, name: str):
+        scaling = self.cfg.scaling
+
+        def hook(module, args, output):
+            active = self._active
+            if active is None:  # outside train(): the base model is untouched
+                return None
+            x = args[0]
+            a = active.a[name][:active.k].to(x.dtype)
+            b = active.b[name][:active.k].to(x.dtype)
+            return output + batched_lora_delta(x, a, b, scaling)
+
+        return hook
+
+    def close(self) -> None:
+        """Remove the hooks (the model is then a plain base model again)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------ training
+    def train(self, docs: Sequence[Sequence[Sequence[int]]], progress: bool = False) -> list[Adapter]:
+        """One adapter per document (each document = its list of token sequences), in input order.
+
+        Returned tensors are CPU float32 in the key convention of ``offline_encode.config``.
+        """
+        for i, seqs in enumerate(docs):
+            if not seqs:
+                raise PragError(f"document {i} has no training sequences")
+            for j, seq in enumerate(seqs):
+                if len(seq) < 2:
+                    raise PragError(f"document {i}, sequence {j}: needs at least 2 tokens, got {len(seq)}")
+        per_doc = [[list(s) for s in seqs] * self.cfg.epochs for seqs in docs]  # the paper: for epoch: for ex
+        order = sorted(range(len(docs)), key=lambda i: (-len(per_doc[i]), -sum(map(len, per_doc[i])), i))
+        n = max(1, self.cfg.docs_per_step)
+        groups = [order[g:g + n] for g in range(0, len(order), n)]
+        stats = TrainStats(docs=len(docs))
+        start = time.perf_counter()
+        results: list[Adapter | None] = [None] * len(docs)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(docs), desc="encode", unit="doc")
+        for group in groups:
+            adapters = self._train_group([per_doc[i] for i in group], stats)
+            for i, adapter in zip(group, adapters):
+                results[i] = adapter
+            if bar is not None:
+                bar.update(len(group))
+        if bar is not None:
+            bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        stats.seconds = time.perf_counter() - start
+        self.last_stats = stats
+        return results  # type: ignore[return-value]
+
+    def _train_group(self, examples: list[list[list[int]]], stats: TrainStats) -> list[Adapter]:
+        """Train documents whose example lists are sorted by length, longest first."""
+        n, cfg = len(examples), self.cfg
+        a = {m: self.init_adapter[lora_key(m, "A")].to(self.device).expand(n, -1, -1).clone().requires_grad_()
+             for m in self.module_names}
+        b = {m: self.init_adapter[lora_key(m, "B")].to(self.device).expand(n, -1, -1).clone().requires_grad_()
+             for m in self.module_names}
+        params = list(a.values()) + list(b.values())
+        moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        self._active = _Active(a, b)
+        try:
+            for step in range(len(examples[0])):
+                k = sum(1 for ex in examples if len(ex) > step)  # a prefix, because of the sort
+                self._active.k = k
+                loss = self._loss([examples[i][step] for i in range(k)], stats)
+                loss.backward()
+                with torch.no_grad():
+                    for p, (m1, m2) in zip(params, moments):
+                        adamw_update_(p[:k], p.grad[:k], m1[:k], m2[:k], step + 1, lr=cfg.learning_rate,
+                                      weight_decay=cfg.weight_decay)
+                        p.grad = None
+                stats.steps += 1
+                stats.losses.append(float(loss.detach()))
+        finally:
+            self._active = None
+        out: list[Adapter] = []
+        for i in range(n):
+            adapter: Adapter = {}
+            for m in self.module_names:
+                adapter[lora_key(m, "A")] = a[m][i].detach().to("cpu", torch.float32).clone()
+                adapter[lora_key(m, "B")] = b[m][i].detach().to("cpu", torch.float32).clone()
+            out.append(adapter)
+        return out
+
+    def _loss(self, rows: list[list[int]], stats: TrainStats) -> Tensor:
+        """``sum_rows mean_tokens(CE)`` over right-padded rows, logits computed chunk by chunk."""
+        lengths = [len(r) for r in rows]
+        width = max(lengths)
+        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        stats.tokens += sum(lengths)
+        stats.padded_tokens += len(rows) * width - sum(lengths)
+        ids = ids.to(self.device)
+        # Right padding + causal attention: real positions never see the pads, so no mask is needed.
+        hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
+        n_pred = torch.tensor(lengths, device=self.device) - 1
+        valid = torch.arange(width - 1, device=self.device)[None, :] < n_pred[:, None]
+        h = hidden[:, :-1][valid]
+        targets = ids[:, 1:][valid]
+        weights = (1.0 / n_pred.to(torch.float32)).repeat_interleave(n_pred)
+        lm_weight = self._lm_head.weight
+        chunk = max(1, self.cfg.loss_chunk_tokens)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], chunk):
+            e = s + chunk
+            total = total + checkpoint(weighted_token_ce, h[s:e], lm_weight, targets[s:e], weights[s:e],
+                                       use_reentrant=False)
+        return total
