@@ -7,10 +7,6 @@ import torch
 
 from prag.errors import PragError
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
 def resolve_device(spec: str = "auto") -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda``/``cuda:N`` fail clearly without a GPU."""
     if spec in (None, "", "auto"):
@@ -28,6 +24,6 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bfloat16 on CUDA (the fast path), float32 on CPU (exact, and bf16 matmuls are slow there)."""
     if spec in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if spec not in _DTYPES:
-        raise PragError(f"compute dtype must be one of auto, {', '.join(sorted(_DTYPES))}; got {spec!r}")
-    return _DTYPES[spec]
+    from offline_encode.peft_format import resolve_dtype as dtype_by_name
+
+    return dtype_by_name(spec)

@@ -16,27 +16,9 @@ from torch import Tensor
 
 from offline_encode.config import EncodeConfig, lora_key
 from offline_encode.device import resolve_device, resolve_dtype
+from offline_encode.peft_format import read_peft_adapter
 from offline_encode.trainer import Adapter, check_adapter, load_base_model, target_module_names
 from prag.errors import PragError
-
-_PEFT_PREFIX = "base_model.model."
-
-
-def adapter_from_peft_dir(path: str | Path) -> Adapter:
-    """Read a PEFT adapter directory's ``adapter_model.safetensors`` into the project's key convention."""
-    from safetensors.torch import load_file
-
-    file = Path(path) / "adapter_model.safetensors"
-    if not file.exists():
-        raise PragError(f"{path}: no adapter_model.safetensors (expected a PEFT adapter directory)")
-    out: Adapter = {}
-    for key, value in load_file(str(file)).items():
-        if not (key.startswith(_PEFT_PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight"))):
-            raise PragError(f"{file}: unexpected tensor {key!r} (only LoRA A/B weights are supported)")
-        module, which = key[len(_PEFT_PREFIX):-len(".weight")].rsplit(".lora_", 1)
-        out[lora_key(module, which)] = value.to(torch.float32)
-    return out
-
 
 def train_reference(model_path, init_adapter_dir_or_tensors: str | Path | Adapter,
                     sequences_per_doc: Sequence[Sequence[Sequence[int]]], cfg: EncodeConfig = EncodeConfig(),
@@ -59,7 +41,7 @@ def train_reference(model_path, init_adapter_dir_or_tensors: str | Path | Adapte
         device = next(model.parameters()).device
         pad_id = getattr(model.config, "pad_token_id", None) or 0
     if isinstance(init_adapter_dir_or_tensors, (str, Path)):
-        init = adapter_from_peft_dir(init_adapter_dir_or_tensors)
+        init = {k: v.to(torch.float32) for k, v in read_peft_adapter(init_adapter_dir_or_tensors)[0].items()}
     else:
         init = init_adapter_dir_or_tensors
     names = target_module_names(model, cfg.target_modules)

@@ -203,8 +203,10 @@ class BatchedLoraTrainer:
             if active is None:  # outside train(): the base model is untouched
                 return None
             x = args[0]
-            a = active.a[name][:active.k].to(x.dtype)
-            b = active.b[name][:active.k].to(x.dtype)
+            a, b = active.a[name], active.b[name]
+            if active.k < a.shape[0]:
+                a, b = a[: active.k], b[: active.k]
+            a, b = a.to(x.dtype), b.to(x.dtype)
             return output + batched_lora_delta(x, a, b, scaling)
 
         return hook
@@ -261,7 +263,8 @@ class BatchedLoraTrainer:
         b = {m: self.init_adapter[lora_key(m, "B")].to(self.device).expand(n, -1, -1).clone().requires_grad_()
              for m in self.module_names}
         params = list(a.values()) + list(b.values())
-        moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        exp_avgs = [torch.zeros_like(p) for p in params]
+        exp_avg_sqs = [torch.zeros_like(p) for p in params]
         self._active = _Active(a, b)
         try:
             for step in range(len(examples[0])):
@@ -270,10 +273,12 @@ class BatchedLoraTrainer:
                 loss = self._loss([examples[i][step] for i in range(k)], stats)
                 loss.backward()
                 with torch.no_grad():
-                    for p, (m1, m2) in zip(params, moments):
-                        adamw_update_(p[:k], p.grad[:k], m1[:k], m2[:k], step + 1, lr=cfg.learning_rate,
-                                      weight_decay=cfg.weight_decay)
-                        p.grad = None
+                    rows = slice(0, k)  # the documents still training: a prefix, so views, no gather
+                    adamw_update_([p[rows] for p in params], [p.grad[rows] for p in params],
+                                  [m[rows] for m in exp_avgs], [v[rows] for v in exp_avg_sqs], step + 1,
+                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+                for p in params:
+                    p.grad = None
                 stats.steps += 1
                 stats.losses.append(float(loss.detach()))
         finally:
