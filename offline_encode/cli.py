@@ -1,21 +1,105 @@
-"""``prag augment|encode|export-adapter`` (filled in by the offline-encoding milestone)."""
+"""``prag augment|encode|export-adapter``: thin handlers over offline_encode's library functions."""
 
 from __future__ import annotations
 
 import argparse
 
-from prag.errors import NotImplementedYet
-
-
-def _todo(args: argparse.Namespace) -> int:
-    raise NotImplementedYet(f"'{args.command}' is not implemented yet")
-
 
 def register(sub) -> None:
     _register_augment(sub)
-    for name, help_ in [("encode", "train one LoRA adapter per document into an adapter store"),
-                        ("export-adapter", "export one document's adapter as a PEFT directory")]:
-        sub.add_parser(name, help=f"{help_} (not implemented yet)").set_defaults(func=_todo)
+    _register_encode(sub)
+    _register_export_adapter(sub)
+
+
+# --- prag encode / export-adapter (owned by the store + encode work) ---
+def _encode(args: argparse.Namespace) -> int:
+    import json
+
+    from offline_encode.config import EncodeConfig
+    from offline_encode.encode import encode_corpus
+    from offline_encode.ray_jobs import RayOptions
+
+    defaults = EncodeConfig()
+    cfg = EncodeConfig(
+        rank=args.rank, alpha=args.alpha,
+        target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets
+        else defaults.target_modules,
+        learning_rate=args.lr, epochs=args.epochs, weight_decay=args.weight_decay,
+        docs_per_step=args.docs_per_step, compute_dtype=args.compute_dtype, storage_dtype=args.storage_dtype,
+        init_seed=args.init_seed, loss_chunk_tokens=args.loss_chunk_tokens, device=args.device,
+        with_cot=args.with_cot)
+    ray_opts = None
+    if args.ray_address:
+        ray_opts = RayOptions(address=args.ray_address, num_cpus=args.ray_num_cpus,
+                              cpus_per_actor=args.ray_cpus_per_actor, max_actors=args.ray_max_actors)
+    summary = encode_corpus(args.augmented, args.model, args.out, cfg, ray_address=args.ray_address,
+                            progress=not args.no_progress, docs_per_shard=args.docs_per_shard, ray_opts=ray_opts)
+    print(summary.format())
+    if args.summary_json:
+        from prag.io import atomic_write_json
+
+        atomic_write_json(args.summary_json, summary.to_dict())
+    elif args.json:
+        print(json.dumps(summary.to_dict()))
+    return 0
+
+
+def _register_encode(sub) -> None:
+    from offline_encode.config import EncodeConfig
+
+    d = EncodeConfig()
+    p = sub.add_parser("encode", help="train one LoRA adapter per document into an adapter store (resumable)")
+    p.add_argument("--augmented", required=True, help="augmented JSONL from `prag augment`")
+    p.add_argument("--model", required=True, help="base model directory (Hugging Face format, safetensors)")
+    p.add_argument("--out", required=True, help="adapter store directory; rerunning resumes, skipping encoded docs")
+    p.add_argument("--ray-address", help="run on Ray: a cluster address (host:port or ray://host:port), "
+                   "'auto' (the cluster of this machine, e.g. under `ray job submit`) or 'local' (start one here)")
+    p.add_argument("--ray-num-cpus", type=int, help="with --ray-address local: CPUs of the local cluster")
+    p.add_argument("--ray-cpus-per-actor", type=int,
+                   help="CPU-only clusters: one trainer actor per this many CPUs (default min(4, all))")
+    p.add_argument("--ray-max-actors", type=int, help="at most this many trainer actors")
+    p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha (default {d.alpha})")
+    p.add_argument("--targets", help=f"comma-separated target module names (default {','.join(d.target_modules)})")
+    p.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs per document (default {d.epochs})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"AdamW weight decay (default {d.weight_decay})")
+    p.add_argument("--docs-per-step", type=int, default=d.docs_per_step,
+                   help=f"documents trained together in one batched step (default {d.docs_per_step})")
+    p.add_argument("--docs-per-shard", type=int,
+                   help="documents per store shard = per commit (default 256); a killed run redoes at most these")
+    p.add_argument("--storage-dtype", choices=["float32", "bfloat16", "float16"], default=d.storage_dtype,
+                   help=f"dtype of stored adapters (default {d.storage_dtype})")
+    p.add_argument("--compute-dtype", default=d.compute_dtype,
+                   help="training dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--init-seed", type=int, default=d.init_seed, help="seed of the shared initial adapter")
+    p.add_argument("--loss-chunk-tokens", type=int, default=d.loss_chunk_tokens,
+                   help="positions per logits/cross-entropy chunk (bounds memory with large vocabularies)")
+    p.add_argument("--with-cot", action="store_true", help="train on full_answer (chain-of-thought answers)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
+    p.add_argument("--summary-json", help="write the summary as JSON to this file")
+    p.set_defaults(func=_encode)
+
+
+def _export_adapter(args: argparse.Namespace) -> int:
+    from offline_encode.export import export_adapter
+
+    out = export_adapter(args.store, args.doc_id, args.out, dtype=args.dtype)
+    print(f"wrote PEFT adapter for doc id {args.doc_id!r} to {out}")
+    return 0
+
+
+def _register_export_adapter(sub) -> None:
+    p = sub.add_parser("export-adapter", help="export one document's adapter as a PEFT directory (PEFT and vLLM load it)")
+    p.add_argument("--store", required=True, help="adapter store directory")
+    p.add_argument("--doc-id", required=True, help="document id")
+    p.add_argument("--out", required=True, help="output directory (written atomically; replaced if it exists)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="tensor dtype in the exported file (default: float32)")
+    p.set_defaults(func=_export_adapter)
 
 
 # --- prag augment (owned by the augmentation work; keep edits for other commands out of here) ---

@@ -1,0 +1,280 @@
+"""Augmented JSONL -> one LoRA adapter per document in an adapter store (resumable, optionally on Ray).
+
+The driver streams the augmented file twice: a cheap first pass classifies every record (trainable,
+already in the store, or skipped with a reason) so the progress bar knows its total and nothing is
+loaded when there is nothing to do; the second pass feeds shards of pending records to workers.
+A worker (in-process, or one Ray actor per GPU / per N CPUs) loads the base model once, builds the
+paper's training sequences, trains with ``BatchedLoraTrainer`` and writes a shard file; only the
+driver commits shards to the store's index, so the store has a single writer and every committed
+document is complete. Rerunning the same command skips committed documents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from offline_encode.config import EncodeConfig
+from offline_encode.ray_jobs import RayOptions, WorkerPool, chunked, ray_session
+from offline_encode.store import AdapterStore, Layout, ShardMeta, StoreSpec, model_fingerprint, write_shard_file
+from prag.errors import PragError
+from prag.io import check_readable, ensure_writable_dir, iter_jsonl, read_json, sha256_file
+from prag.prompt import PromptConfig
+
+ALREADY = "already in the store"
+DEFAULT_SHARD_DOCS = 256
+
+
+@dataclass
+class EncodeSummary:
+    """What an encode run did; ``format()`` is the CLI's report."""
+
+    augmented: str
+    store: str
+    records: int = 0
+    trained: int = 0
+    already_encoded: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    docs_in_store: int = 0
+    shards_written: int = 0
+    bytes_per_doc: int = 0
+    storage_dtype: str = ""
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+    workers: int = 1
+    ray_address: str | None = None
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.trained / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "docs_per_s": self.docs_per_s}
+
+    def format(self) -> str:
+        lines = [
+            f"encoded {self.trained} document(s) into {self.store} "
+            f"({self.docs_in_store} in the store, {self.shards_written} new shard(s))",
+            f"  records read: {self.records}; already encoded (skipped): {self.already_encoded}",
+        ]
+        for reason, count in sorted(self.skipped.items(), key=lambda kv: -kv[1]):
+            examples = ", ".join(self.skipped_examples.get(reason, []))
+            lines.append(f"  skipped {count}: {reason}" + (f" (e.g. {examples})" if examples else ""))
+        lines.append(f"  {self.bytes_per_doc:,} bytes per document ({self.storage_dtype})")
+        where = f"Ray at {self.ray_address}, {self.workers} worker(s)" if self.ray_address else "in-process"
+        lines.append(f"  {self.seconds:.1f} s total, {self.docs_per_s:.2f} docs/s ({where})")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Pass 1: which records are trainable
+
+
+def _doc_id(record: dict) -> str | None:
+    doc_id = record.get("doc_id", record.get("id"))
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or str(doc_id).strip() == "":
+        return None
+    return str(doc_id)
+
+
+def record_skip_reason(record: dict) -> str | None:
+    """Why a record cannot be encoded (None if it can); reasons are grouped in the summary."""
+    from offline_encode.training_data import skip_reason
+
+    if _doc_id(record) is None:
+        return "missing or empty 'doc_id'"
+    if record.get("error"):
+        return "augmentation failed for this document ('error' set)"
+    return skip_reason(record)
+
+
+@dataclass
+class _Plan:
+    pending_lines: list[int]
+    augmenters: set[str]
+    models: set[str]
+
+
+def _classify(augmented: Path, store: AdapterStore | None, summary: EncodeSummary) -> _Plan:
+    seen: set[str] = set()
+    plan = _Plan([], set(), set())
+    skipped: Counter[str] = Counter()
+    for lineno, record in iter_jsonl(augmented, "augmented file"):
+        summary.records += 1
+        reason = record_skip_reason(record)
+        doc_id = _doc_id(record)
+        if reason is None and doc_id in seen:
+            reason = "duplicate doc_id (the first occurrence is used)"
+        if reason is not None:
+            skipped[reason] += 1
+            examples = summary.skipped_examples.setdefault(reason, [])
+            if len(examples) < 3:
+                examples.append(f"line {lineno}" + (f" doc_id {doc_id!r}" if doc_id else ""))
+            continue
+        seen.add(doc_id)
+        if isinstance(record.get("augmenter"), str):
+            plan.augmenters.add(record["augmenter"])
+        if isinstance(record.get("model"), str):
+            plan.models.add(record["model"])
+        if store is not None and doc_id in store:
+            summary.already_encoded += 1
+            continue
+        plan.pending_lines.append(lineno)
+    summary.skipped = dict(skipped)
+    return plan
+
+
+def _pending_records(augmented: Path, lines: list[int]) -> Iterator[dict]:
+    wanted = iter(lines)
+    nxt = next(wanted, None)
+    for lineno, record in iter_jsonl(augmented, "augmented file"):
+        if nxt is None:
+            return
+        if lineno == nxt:
+            yield {**record, "doc_id": _doc_id(record)}
+            nxt = next(wanted, None)
+    if nxt is not None:
+        raise PragError(f"{augmented} changed while encoding (line {nxt} disappeared); rerun to resume")
+
+
+# --------------------------------------------------------------------------------------------
+# The worker: one per process / Ray actor, loads the model once
+
+
+class EncodeWorker:
+    """Builds training sequences, trains a shard of documents and writes its shard file."""
+
+    def __init__(self, model: str, cfg: EncodeConfig, store_dir: str, prompt_cfg: PromptConfig):
+        self.model, self.cfg, self.store_dir, self.prompt_cfg = model, cfg, Path(store_dir), prompt_cfg
+        self._trainer = None
+        self._layout: Layout | None = None
+
+    def _get_trainer(self):
+        if self._trainer is None:
+            from offline_encode.trainer import BatchedLoraTrainer
+
+            init = None
+            if AdapterStore.exists(self.store_dir):  # workers after the first reuse the stored init
+                store = AdapterStore.open(self.store_dir)
+                try:
+                    init = store.init_adapter()
+                finally:
+                    store.close()
+            self._trainer = BatchedLoraTrainer(self.model, self.cfg, init_adapter=init)
+        return self._trainer
+
+    def init_adapter(self) -> dict:
+        """The shared initial adapter (made from ``cfg.init_seed``); called once to create the store."""
+        return self._get_trainer().init_adapter
+
+    def encode_shard(self, records: list[dict]) -> tuple[ShardMeta, float]:
+        from offline_encode.training_data import build_training_sequences
+
+        trainer = self._get_trainer()
+        if self._layout is None:
+            manifest = read_json(self.store_dir / "manifest.json", "adapter store manifest")
+            self._layout = Layout.from_json(manifest["layout"])
+        docs = [build_training_sequences(trainer.tokenizer, r, self.prompt_cfg, self.cfg.with_cot) for r in records]
+        start = time.perf_counter()
+        adapters = trainer.train(docs)
+        seconds = time.perf_counter() - start
+        meta = write_shard_file(self.store_dir, self._layout, self.cfg.storage_dtype,
+                                [r["doc_id"] for r in records], adapters)
+        return meta, seconds
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+
+
+def encode_corpus(augmented_path: str | Path, model: str | Path, store_dir: str | Path,
+                  cfg: EncodeConfig = EncodeConfig(), ray_address: str | None = None, progress: bool = True,
+                  *, docs_per_shard: int | None = None, prompt_cfg: PromptConfig = PromptConfig(),
+                  ray_opts: RayOptions | None = None) -> EncodeSummary:
+    """Train an adapter for every trainable, not yet encoded record of ``augmented_path`` into ``store_dir``.
+
+    ``docs_per_shard`` documents are trained and committed together (default: 256, at least
+    ``cfg.docs_per_step``); a killed run loses at most the shards in flight. ``ray_address``
+    (``host:port``, ``ray://...``, ``auto`` or ``local``) runs the shards on Ray actors; the
+    store directory must then be on a filesystem every node can write.
+    """
+    started = time.perf_counter()
+    augmented = check_readable(augmented_path, "augmented file")
+    store_dir = ensure_writable_dir(store_dir, "adapter store directory (--out)")
+    if cfg.storage_dtype not in ("float32", "bfloat16", "float16"):
+        raise PragError(f"--storage-dtype must be float32, bfloat16 or float16, got {cfg.storage_dtype!r}")
+    if cfg.rank < 1 or cfg.epochs < 1 or cfg.docs_per_step < 1:
+        raise PragError("--rank, --epochs and --docs-per-step must be at least 1")
+    shard_docs = max(docs_per_shard or DEFAULT_SHARD_DOCS, 1)
+    summary = EncodeSummary(augmented=str(augmented), store=str(store_dir), storage_dtype=cfg.storage_dtype,
+                            ray_address=ray_address)
+    fingerprint = model_fingerprint(model)
+    spec = StoreSpec(base_model=str(model), model_fingerprint=fingerprint, rank=cfg.rank, alpha=cfg.alpha,
+                     target_modules=tuple(cfg.target_modules), storage_dtype=cfg.storage_dtype,
+                     encode_config=cfg.to_dict(), prompt_config=asdict(prompt_cfg))
+
+    store: AdapterStore | None = None
+    if AdapterStore.exists(store_dir):
+        store = AdapterStore.create_or_open(store_dir, spec)  # checks model / rank / targets / config
+    try:
+        plan = _classify(augmented, store, summary)
+        spec.augmentation = {"path": str(augmented.resolve()), "sha256": sha256_file(augmented),
+                             "augmenter": sorted(plan.augmenters), "model": sorted(plan.models)}
+        if store is not None:
+            store._record_augmentation(spec.augmentation)
+        if plan.pending_lines:
+            store = _train_pending(augmented, model, store_dir, cfg, prompt_cfg, spec, store, plan, shard_docs,
+                                   ray_address, ray_opts, progress, summary)
+        summary.docs_in_store = len(store) if store is not None else 0
+        summary.bytes_per_doc = store.bytes_per_doc if store is not None else 0
+    finally:
+        if store is not None:
+            store.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _train_pending(augmented: Path, model, store_dir: Path, cfg: EncodeConfig, prompt_cfg: PromptConfig,
+                   spec: StoreSpec, store: AdapterStore | None, plan: _Plan, shard_docs: int,
+                   ray_address: str | None, ray_opts: RayOptions | None, progress: bool,
+                   summary: EncodeSummary) -> AdapterStore:
+    opts = None
+    if ray_address is not None:
+        opts = ray_opts or RayOptions(address=ray_address)
+        if opts.address != ray_address:
+            opts = RayOptions(**{**asdict(opts), "address": ray_address})
+    with ray_session(opts) if opts is not None else contextlib.nullcontext():
+        pool = WorkerPool(EncodeWorker, (str(model), cfg, str(store_dir), prompt_cfg), ray_opts=opts)
+        try:
+            summary.workers = pool.size
+            if store is None:
+                store = AdapterStore.create_or_open(store_dir, spec, init_adapter=lambda: pool.call_first(
+                    "init_adapter"))
+            n_pending = len(plan.pending_lines)
+            if pool.size > 1:  # enough shards to keep every worker busy
+                shard_docs = max(1, min(shard_docs, -(-n_pending // (2 * pool.size))))
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=n_pending, desc="encode", unit="doc")
+            try:
+                shards = chunked(_pending_records(augmented, plan.pending_lines), shard_docs)
+                for _, (meta, train_seconds) in pool.map("encode_shard", shards):
+                    store.commit_shard(meta)
+                    summary.trained += len(meta.doc_ids)
+                    summary.shards_written += 1
+                    summary.train_seconds += train_seconds
+                    if bar is not None:
+                        bar.update(len(meta.doc_ids))
+            finally:
+                if bar is not None:
+                    bar.close()
+        finally:
+            pool.close()
+    return store
