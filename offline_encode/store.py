@@ -100,22 +100,40 @@ def resolve_model_dir(model_name_or_path: str | os.PathLike) -> Path:
                     f"Hugging Face cache (download it first, e.g. `huggingface-cli download {model_name_or_path}`)")
 
 
-def model_fingerprint(model_name_or_path: str | os.PathLike) -> dict:
-    """Cheap identity of a base model: sha256 of config.json plus the names and sizes of its weight files.
+def _sampled_sha256(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """sha256 of ``samples`` evenly spaced ``chunk``-byte pieces: tells fine-tunes of one architecture
+    apart (same config, same sizes) while reading about 1 MiB per file, whatever its size."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if size <= samples * chunk:
+            h.update(fh.read())
+        else:
+            for i in range(samples):
+                fh.seek((size - chunk) * i // (samples - 1))
+                h.update(fh.read(chunk))
+    return h.hexdigest()
 
-    Reading whole weight files would take minutes for large models; a retrained or different
-    model changes config.json or the weight sizes in practice. ``hash`` ignores the name, so a
-    moved or renamed model directory still matches.
+
+def model_fingerprint(model_name_or_path: str | os.PathLike) -> dict:
+    """Cheap identity of a base model: sha256 of config.json, the names and sizes of its weight files,
+    and a hash of evenly spaced samples of each weight file.
+
+    Hashing whole weight files would take minutes for large models; sampled bytes still tell two
+    checkpoints of the same architecture apart. ``hash`` ignores the name, so a moved or renamed
+    model directory still matches.
     """
     model_dir = resolve_model_dir(model_name_or_path)
     config = model_dir / "config.json"
     if not config.is_file():
         raise PragError(f"model directory has no config.json: {model_dir}")
-    weights = {p.name: p.stat().st_size for p in sorted(model_dir.iterdir())
-               if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json")}
-    if not any(name.endswith(_WEIGHT_SUFFIXES) for name in weights):
+    files = [p for p in sorted(model_dir.iterdir())
+             if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json")]
+    if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in files):
         raise PragError(f"model directory has no weight files (*.safetensors): {model_dir}")
-    ident = {"config_sha256": sha256_file(config), "weights": weights}
+    weights = {p.name: p.stat().st_size for p in files}
+    samples = {p.name: _sampled_sha256(p) for p in files}
+    ident = {"config_sha256": sha256_file(config), "weights": weights, "weights_sampled_sha256": samples}
     return {"name": str(model_name_or_path), **ident, "hash": sha256_json(ident)}
 
 
