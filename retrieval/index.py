@@ -1,0 +1,257 @@
+"""Build an index directory: doc store, FAISS inner-product index, optional BM25, manifest.
+
+Layout of ``INDEX_DIR``::
+
+    manifest.json   what was built (written last)
+    index.faiss     FAISS index; row i is document row i
+    docs.sqlite     row <-> doc id, title, text
+    bm25/           optional bm25s index (``--bm25``)
+
+Two passes, memory bounded by one chunk: (1) parse the corpus into the doc store, which
+validates every line and catches duplicate ids *before* any slow embedding; (2) stream the
+store back in chunks, embed, add. IVF trains on a random sample of rows. The whole directory is
+built under a temporary name and renamed into place only when complete (``prag.io.atomic_dir``),
+so a crash never leaves a usable-looking index; leftovers of a killed build are removed by the
+next build of the same output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from prag.errors import PragError
+from prag.io import atomic_dir, check_readable, ensure_writable_dir, sha256_file
+from retrieval.corpus import CorpusStats, corpus_format, iter_corpus
+from retrieval.docstore import DOCSTORE_FILE, DocStore, write_docstore
+from retrieval.embed import Embedder, canonical_embedder_name, passage_text
+from retrieval.manifest import INDEX_TYPES, MANIFEST_FILE, Manifest, write_manifest
+
+FAISS_FILE = "index.faiss"
+BUILDING_FILE = "BUILDING"
+MIN_POINTS_PER_CENTROID = 39  # below this FAISS k-means warns and clusters badly
+
+
+@dataclass
+class IndexConfig:
+    """How to build an index. Defaults: exact search with the packaged all-MiniLM-L6-v2."""
+
+    index_type: str = "flat"
+    embedder: str | None = None        # sentence-transformers name or path; None = all-MiniLM-L6-v2
+    device: str | None = None          # None = cuda when available, else cpu
+    batch_size: int = 64               # texts per forward pass of the embedder
+    chunk_size: int = 4096             # passages embedded and added per step (bounds memory)
+    nlist: int | None = None           # ivf: None = 4*sqrt(n), capped at train_size/39
+    nprobe: int = 16                   # ivf: lists probed per query (stored, overridable at load)
+    train_size: int = 100_000          # ivf: passages sampled to train the coarse quantizer
+    hnsw_m: int = 32                   # hnsw: graph degree
+    ef_construction: int = 200         # hnsw: build-time beam
+    ef_search: int = 128               # hnsw: query-time beam (stored, overridable at load)
+    bm25: bool = False                 # also build a bm25s index for --method bm25|hybrid
+    seed: int = 0                      # ivf training sample
+
+    def validate(self) -> None:
+        if self.index_type not in INDEX_TYPES:
+            raise PragError(f"index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
+        for name in ("batch_size", "chunk_size", "nprobe", "train_size", "hnsw_m", "ef_construction", "ef_search"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise PragError(f"{name} must be a positive integer, got {value!r}")
+        if self.nlist is not None and (not isinstance(self.nlist, int) or self.nlist <= 0):
+            raise PragError(f"nlist must be a positive integer, got {self.nlist!r}")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: Path
+    manifest: Manifest
+    seconds: float
+
+    @property
+    def passages_per_s(self) -> float:
+        return self.manifest.count / self.seconds if self.seconds > 0 else float("inf")
+
+    def summary(self) -> str:
+        m = self.manifest
+        return (f"indexed {m.count:,} passages ({m.skipped_empty:,} empty skipped) into {self.out} "
+                f"[{m.index_type}, {m.embedder}, dim {m.dim}{', +bm25' if m.bm25 else ''}] "
+                f"in {self.seconds:.1f} s ({self.passages_per_s:,.0f} passages/s)")
+
+
+def ivf_nlist(n_train: int, requested: int | None) -> int:
+    """Number of IVF lists: ~4*sqrt(n), never more than the sample can train well."""
+    if requested is not None:
+        if requested > n_train:
+            raise PragError(f"nlist={requested} needs at least {requested} training passages; "
+                            f"only {n_train} are available (lower --nlist)")
+        return requested
+    return max(1, min(int(round(4 * math.sqrt(n_train))), n_train // MIN_POINTS_PER_CENTROID))
+
+
+def make_faiss_index(cfg: IndexConfig, dim: int, n: int):
+    """An empty FAISS inner-product index of ``cfg.index_type`` for ``n`` vectors, and its parameters."""
+    import faiss
+
+    if cfg.index_type == "flat":
+        return faiss.IndexFlatIP(dim), {}
+    if cfg.index_type == "hnsw":
+        index = faiss.index_factory(dim, f"HNSW{cfg.hnsw_m}", faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = cfg.ef_construction
+        index.hnsw.efSearch = cfg.ef_search
+        return index, {"M": cfg.hnsw_m, "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search}
+    nlist = ivf_nlist(min(n, cfg.train_size), cfg.nlist)
+    index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    nprobe = min(cfg.nprobe, nlist)
+    index.nprobe = nprobe
+    return index, {"nlist": nlist, "nprobe": nprobe, "train_size": min(n, cfg.train_size)}
+
+
+def add_vectors(index, chunks: Iterable[np.ndarray]) -> None:
+    """Add streamed vector chunks. An untrained index (IVF whose sample is the whole corpus)
+    buffers them, trains on all of them, then adds them."""
+    pending: list[np.ndarray] = []
+    for vecs in chunks:
+        if index.is_trained:
+            index.add(vecs)
+        else:
+            pending.append(vecs)
+    if pending:
+        allvecs = np.concatenate(pending)
+        index.train(allvecs)
+        index.add(allvecs)
+
+
+def _check_output(out: Path) -> None:
+    """Replace only a previous index (or an empty dir): never wipe an unrelated directory."""
+    if out.exists():
+        if not out.is_dir():
+            raise PragError(f"--out {out} exists and is not a directory")
+        if any(out.iterdir()) and not (out / MANIFEST_FILE).exists():
+            raise PragError(f"--out {out} is a non-empty directory that is not an index; refusing to overwrite it")
+    ensure_writable_dir(out.parent, "index parent directory")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_builds(out: Path) -> list[Path]:
+    """Delete temporary dirs left by killed builds of ``out`` (their owner process is gone)."""
+    removed = []
+    for tmp in list(out.parent.glob(f".{out.name}.*.tmp")):
+        marker = tmp / BUILDING_FILE
+        try:
+            host, pid = marker.read_text().split()
+            stale = host == socket.gethostname() and not _pid_alive(int(pid))
+        except (OSError, ValueError):
+            # no marker: killed before writing it, or not ours; only remove when clearly old
+            stale = tmp.is_dir() and time.time() - tmp.stat().st_mtime > 3600
+        if stale:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _embed_rows(store: DocStore, rows: np.ndarray, embedder: Embedder, chunk: int) -> np.ndarray:
+    parts = []
+    for start in tqdm(range(0, len(rows), chunk), desc="embedding IVF training sample", unit="chunk",
+                      disable=len(rows) <= chunk):
+        docs = store.get_by_rows(rows[start:start + chunk].tolist())
+        parts.append(embedder.encode([passage_text(d.title, d.text) for d in docs]))
+    return np.concatenate(parts)
+
+
+def _embed_chunk(embedder: Embedder, docs: list, bar) -> np.ndarray:
+    vecs = embedder.encode([passage_text(d.title, d.text) for d in docs])
+    bar.update(len(docs))
+    return vecs
+
+
+def _build_bm25(store: DocStore, out: Path, chunk: int, progress: bool = True) -> None:
+    """bm25s keeps the token ids of the whole corpus in memory; it is an option for that reason."""
+    import bm25s
+    from bm25s.tokenization import Tokenized, Tokenizer
+
+    tokenizer = Tokenizer(stopwords="en")
+    ids: list[list[int]] = []
+    for docs in tqdm(store.iter_rows(chunk=chunk), total=math.ceil(len(store) / chunk), desc="bm25 tokenize",
+                     unit="chunk", disable=not progress):
+        ids += tokenizer.tokenize([passage_text(d.title, d.text) for d in docs], update_vocab=True,
+                                  return_as="ids", show_progress=False)
+    model = bm25s.BM25()
+    model.index(Tokenized(ids=ids, vocab=tokenizer.get_vocab_dict()), show_progress=False)
+    out.mkdir()
+    model.save(str(out))
+    tokenizer.save_vocab(str(out))
+    tokenizer.save_stopwords(str(out))
+
+
+def build_index(corpus: str | Path, out: str | Path, cfg: IndexConfig | None = None,
+                embedder: Embedder | None = None, progress: bool = True) -> BuildResult:
+    """Index ``corpus`` (JSONL / DPR TSV, optionally .gz) into the directory ``out``."""
+    import faiss
+
+    cfg = cfg or IndexConfig()
+    cfg.validate()
+    corpus = check_readable(corpus, "corpus file")
+    corpus_format(corpus)
+    out = Path(out)
+    _check_output(out)
+    remove_stale_builds(out)
+    if embedder is None:
+        embedder = Embedder(cfg.embedder, device=cfg.device, batch_size=cfg.batch_size)
+    elif cfg.embedder is not None and canonical_embedder_name(cfg.embedder) != embedder.name:
+        raise PragError(f"embedder {embedder.name!r} does not match the configured {cfg.embedder!r}")
+
+    start = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        (tmp / BUILDING_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        stats = CorpusStats()
+        # pass 1: parse + validate + store (duplicate ids fail here, before any embedding)
+        docs = iter_corpus(corpus, stats, check_duplicates=False)
+        if progress:
+            docs = tqdm(docs, desc="reading corpus", unit="doc", mininterval=1.0)
+        n = write_docstore(tmp / DOCSTORE_FILE, docs, corpus, chunk=cfg.chunk_size)
+        if n == 0:
+            raise PragError(f"{corpus}: no non-empty documents to index ({stats.skipped_empty} empty texts skipped)")
+        store = DocStore(tmp / DOCSTORE_FILE)
+        try:
+            index, params = make_faiss_index(cfg, embedder.dim, n)
+            n_train = min(n, cfg.train_size)
+            if not index.is_trained and n > n_train:
+                rows = np.sort(np.random.default_rng(cfg.seed).choice(n, size=n_train, replace=False))
+                index.train(_embed_rows(store, rows, embedder, cfg.chunk_size))
+            # pass 2: stream, embed, add
+            bar = tqdm(total=n, desc=f"embedding ({cfg.index_type})", unit="passage", disable=not progress)
+            add_vectors(index, (_embed_chunk(embedder, chunk, bar) for chunk in store.iter_rows(chunk=cfg.chunk_size)))
+            bar.close()
+            if index.ntotal != n:
+                raise PragError(f"internal error: FAISS holds {index.ntotal} vectors for {n} documents")
+            faiss.write_index(index, str(tmp / FAISS_FILE))
+            if cfg.bm25:
+                _build_bm25(store, tmp / "bm25", cfg.chunk_size, progress)
+        finally:
+            store.close()
+        manifest = Manifest(
+            embedder=embedder.name, dim=embedder.dim, index_type=cfg.index_type, count=n,
+            corpus_sha256=sha256_file(corpus), corpus_path=str(corpus.resolve()),
+            skipped_empty=stats.skipped_empty, index_params=params, bm25=cfg.bm25,
+            build_seconds=round(time.perf_counter() - start, 3))
+        (tmp / BUILDING_FILE).unlink()
+        write_manifest(tmp, manifest)
+    return BuildResult(out=out, manifest=manifest, seconds=time.perf_counter() - start)
