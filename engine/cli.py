@@ -1,17 +1,96 @@
-"""``prag eval|serve`` (filled in by the engine milestone)."""
+"""``prag eval`` (batch evaluation) and ``prag serve`` (not implemented yet)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
-from prag.errors import NotImplementedYet
+from prag.errors import NotImplementedYet, PragError
 
 
 def _todo(args: argparse.Namespace) -> int:
     raise NotImplementedYet(f"'{args.command}' is not implemented yet")
 
 
+def _engine_arg(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when it can be (numbers, booleans, objects)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds an Engine (eval now, serve later)."""
+    p.add_argument("--top-k", type=int, default=3, help="documents per question (default 3, the paper's)")
+    p.add_argument("--max-new-tokens", type=int, help="default 20, or 128 with --cot")
+    p.add_argument("--cot", action="store_true", help="chain-of-thought prompt with few-shot examples")
+    p.add_argument("--fewshot", help="JSON list of {question, answer} few-shot examples for --cot")
+    p.add_argument("--retrieval-method", choices=["dense", "bm25", "hybrid"], default="dense")
+    p.add_argument("--dtype", default="auto", help="model dtype for vLLM (default auto)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="context length (default 2048); longer "
+                   "prompts get their passages truncated, see README")
+    p.add_argument("--max-loras", type=int, help="adapters per batch step (default 16 on CPU, 32 on GPU)")
+    p.add_argument("--max-cpu-loras", type=int, help="vLLM's CPU adapter cache size (default 4 x max-loras)")
+    p.add_argument("--max-lora-rank", type=int, help="default: smallest allowed value >= top-k x store rank")
+    p.add_argument("--kv-cache-gib", type=float, help="CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--adapter-dir", help="where merged adapters are written (default: /dev/shm)")
+    p.add_argument("--adapter-cache-mb", type=int, default=1024, help="merged-adapter cache bound (default 1024)")
+    p.add_argument("--engine-arg", action="append", type=_engine_arg, default=[], metavar="KEY=VALUE",
+                   help="any other vllm.LLM argument, e.g. --engine-arg enforce_eager=true (repeatable)")
+
+
+def engine_config(args: argparse.Namespace):
+    from engine.engine import EngineConfig
+    from engine.prompts import load_fewshot
+
+    if args.fewshot and not args.cot:
+        raise PragError("--fewshot only applies with --cot")
+    if args.adapter_cache_mb <= 0:
+        raise PragError(f"--adapter-cache-mb must be positive, got {args.adapter_cache_mb}")
+    return EngineConfig(
+        top_k=args.top_k, max_new_tokens=args.max_new_tokens, chain_of_thought=args.cot,
+        fewshot=load_fewshot(args.fewshot) if args.fewshot else None, retrieval_method=args.retrieval_method,
+        dtype=args.dtype, max_model_len=args.max_model_len, max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, kv_cache_gib=args.kv_cache_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization, engine_args=dict(args.engine_arg),
+        adapter_dir=args.adapter_dir, adapter_cache_bytes=args.adapter_cache_mb << 20)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from engine.engine import check_top_k, parse_modes
+    from engine.evaluate import EvalConfig, evaluate, results_markdown
+
+    check_top_k(args.top_k)
+    if args.limit is not None and args.limit <= 0:
+        raise PragError(f"--limit must be positive, got {args.limit}")
+    cfg = EvalConfig(dataset=args.dataset, data=args.data, out=args.out, model=args.model, index=args.index,
+                     store=args.store, modes=parse_modes(args.modes), limit=args.limit,
+                     batch_size=args.batch_size, engine=engine_config(args))
+    results = evaluate(cfg)
+    print(results_markdown(results))
+    print(f"wrote {args.out}/results.json, results.md and predictions.jsonl")
+    return 0
+
+
 def register(sub) -> None:
-    for name, help_ in [("eval", "evaluate none/rag/prag/combine on a QA dataset"),
-                        ("serve", "OpenAI-compatible HTTP server")]:
-        sub.add_parser(name, help=f"{help_} (not implemented yet)").set_defaults(func=_todo)
+    from engine.datasets import dataset_names
+
+    p = sub.add_parser("eval", help="evaluate none/rag/prag/combine on a QA dataset (EM/F1, throughput)")
+    p.add_argument("--model", required=True, help="base model (HF directory or hub id in the local cache)")
+    p.add_argument("--index", help="index directory from `prag index build` (needed by rag/prag/combine)")
+    p.add_argument("--store", help="adapter store from `prag encode` (needed by prag/combine)")
+    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names())}")
+    p.add_argument("--data", required=True, help="the dataset file (or the folder it unpacks into)")
+    p.add_argument("--modes", default="none,rag,prag,combine", help="comma-separated (default all four)")
+    p.add_argument("--out", required=True, help="output directory; rerun the same command to resume")
+    p.add_argument("--limit", type=int, help="evaluate only the first N questions (the paper's --sample)")
+    p.add_argument("--batch-size", type=int, default=256, help="questions per engine call / checkpoint (256)")
+    add_engine_flags(p)
+    p.set_defaults(func=_eval)
+
+    sub.add_parser("serve", help="OpenAI-compatible HTTP server (not implemented yet)").set_defaults(func=_todo)

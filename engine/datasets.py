@@ -216,11 +216,17 @@ def dataset_names() -> list[str]:
     return sorted(DATASETS)
 
 
-def load_dataset(name: str, path: str | Path, limit: int | None = None) -> list[Example]:
-    """All examples of ``path`` read as dataset ``name`` (first ``limit`` if given); ids must be unique."""
+def resolve_dataset_name(name: str) -> str:
+    """The canonical loader name for ``name`` (aliases like 'cwq' accepted); unknown names list the valid ones."""
     key = ALIASES.get(name.lower(), name.lower())
     if key not in DATASETS:
         raise PragError(f"unknown dataset {name!r}; valid names: {', '.join(dataset_names())}")
+    return key
+
+
+def load_dataset(name: str, path: str | Path, limit: int | None = None) -> list[Example]:
+    """All examples of ``path`` read as dataset ``name`` (first ``limit`` if given); ids must be unique."""
+    key = resolve_dataset_name(name)
     if limit is not None and limit < 0:
         raise PragError(f"--limit must be >= 0, got {limit}")
     out: list[Example] = []

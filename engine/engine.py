@@ -103,9 +103,9 @@ class EngineConfig:
     def resolved_prompt(self) -> PromptConfig:
         return prompt_config(self.chain_of_thought, self.fewshot, self.prompt)
 
-    def llm_config(self, model: str, max_lora_rank: int) -> LLMConfig:
+    def llm_config(self, model: str, max_lora_rank: int, enable_lora: bool = True) -> LLMConfig:
         return LLMConfig(model=model, dtype=self.dtype, max_model_len=self.max_model_len,
-                         enable_lora=True, max_lora_rank=max_lora_rank, max_loras=self.max_loras,
+                         enable_lora=enable_lora, max_lora_rank=max_lora_rank, max_loras=self.max_loras,
                          max_cpu_loras=self.max_cpu_loras, gpu_memory_utilization=self.gpu_memory_utilization,
                          seed=self.seed, structured_output=False, engine_args=dict(self.engine_args))
 
@@ -207,7 +207,8 @@ class Engine:
                 raise PragError(f"max_lora_rank must be one of {SUPPORTED_LORA_RANKS}, got {rank}")
             if self.config.kv_cache_gib is not None and not has_cuda():
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.kv_cache_gib)
-            llm = make_llm(self.config.llm_config(self.model, rank))
+            # LoRA slots cost memory and time; without a store no mode can use them
+            llm = make_llm(self.config.llm_config(self.model, rank, enable_lora=self.store is not None))
             self._owns_llm = True
         else:
             self._owns_llm = False
