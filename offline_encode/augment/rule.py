@@ -44,6 +44,10 @@ _DATE = (rf"(?:\d{{1,2}}\s+(?:{MONTHS})\s+\d{{3,4}}|(?:{MONTHS})\s+\d{{1,2}},?\s
 DATE_RE = re.compile(rf"\b{_DATE}\b")
 YEAR_RE = re.compile(r"(?<![\d,.])\b(1[0-9]{3}|20[0-9]{2})\b(?:\s?(?:BC|BCE|AD|CE)\b)?(?![\d,]\d)")
 NUMBER_RE = re.compile(r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\w,]\d)%?|(?<![\w.,])\d+(?:\.\d+)?(?![\w.,]\d)%?")
+NUMBER_WORDS_RE = re.compile(r"(?<![\w\-])(two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|"
+                             r"hundred|thousand)(?= [a-z])")
+DEFINITION_RE = re.compile(r"(?P<art>(?:The|A|An) )?(?P<x>[A-Za-z][^,;:()\"]{1,60}?) (?P<v>is|are|was|were) "
+                           r"(?P<rest>(?:a|an|the|one) [^;:]+?)[.!]?$")
 WORD_RE = re.compile(r"[^\W_][\w'’\-]*")
 YEAR_CONTEXT = re.compile(r"(?:\b(?:in|since|until|till|by|from|of|to|during|before|after|around|circa|c\.|"
                           r"year|early|late|mid|between|and)\s*|[(–\-,]\s*)$", re.I)
@@ -129,8 +133,11 @@ def find_spans(sentence: str, known_caps: tuple[str, ...] = ()) -> list[Span]:
             continue
         after = sentence[m.end():m.end() + 12]
         # "1200 workers" is a count, "in 1874" a year
-        is_count = re.match(r"\s+[a-z]+", after) and not YEAR_CONTEXT.search(sentence[:m.start()])
+        is_count = re.match(r"\s+[a-z]+", after) and not YEAR_CONTEXT.search(sentence[:m.start()]) \
+            and not re.search(r"\b(?:the|a|an|his|her|its|their|this|that)\s+$", sentence[:m.start()], re.I)
         spans.append(Span("number" if is_count else "year", m.start(), m.end(), m.group()))
+    for m in NUMBER_WORDS_RE.finditer(sentence):  # "divided into three areas": a countable fact
+        spans.append(Span("number", m.start(), m.end(), m.group()))
     for m in NUMBER_RE.finditer(sentence):
         prev = re.search(r"([^\W\d_][\w'’\-]*) $", sentence[:m.start()])
         if prev and prev.group(1)[0].isupper() and prev.group(1) not in STOP_CAPS:
@@ -330,6 +337,11 @@ def qa_candidates(sentences: list[str], passage: str, known: tuple[str, ...]) ->
             if re.match(r" [a-z]", rest) and not rest.startswith(" of "):
                 wh = "Who" if is_person(subj.text, passage) else "What"
                 cands.append(QACandidate(1, _as_question(wh + rest), subj.text, sent))
+        m = DEFINITION_RE.match(sent)
+        if m and subj is None and len(m.group("x").split()) <= 6 \
+                and m.group("x").split()[0] not in STOP_CAPS:  # "The uvea is the middle layer of the eye."
+            wh = "Who" if is_person(m.group("x"), passage) else "What"
+            cands.append(QACandidate(1, f"{wh} {m.group('v')} {m.group('rest')}?", m.group("x"), sent))
         for sp in spans:
             if sp is subj:
                 continue
