@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -28,6 +29,9 @@ from prag.errors import PragError
 
 CacheKey = tuple[tuple[str, ...], str]
 DEFAULT_MAX_BYTES = 1 << 30
+# vLLM identifies a loaded adapter by lora_int_id. Several caches (engines) may share one vLLM
+# engine in a process, so ids come from one process-wide counter and can never collide.
+_NEXT_ID = itertools.count(1)
 
 
 def default_root() -> Path:
@@ -76,7 +80,7 @@ class MergedAdapterCache:
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
         self._entries: OrderedDict[CacheKey, CachedAdapter] = OrderedDict()
-        self._ids: dict[CacheKey, int] = {}  # never forgotten, so an id is never reused for another key
+        self._ids: dict[CacheKey, int] = {}  # kept after eviction: a key comes back with the same id
         self._pins: dict[CacheKey, int] = {}
         self._building: dict[CacheKey, threading.Event] = {}
         self.stats = CacheStats()
@@ -85,9 +89,9 @@ class MergedAdapterCache:
     # -- lookup ---------------------------------------------------------------------------
     def _identity(self, key: CacheKey) -> tuple[str, int]:
         if key not in self._ids:
-            self._ids[key] = len(self._ids) + 1  # vLLM needs lora_int_id >= 1
-        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
-        return f"prag-{digest}", self._ids[key]
+            self._ids[key] = next(_NEXT_ID)  # >= 1, as vLLM requires
+        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+        return f"prag-{self._ids[key]}-{digest}", self._ids[key]
 
     def get_or_build(self, key: CacheKey, build: Callable[[], MergedAdapter], pin: bool = False) -> CachedAdapter:
         """The cached adapter for ``key``, merging and writing it with ``build()`` on a miss."""
@@ -109,7 +113,7 @@ class MergedAdapterCache:
             waiter.wait()  # another thread is building this key; then look again
         try:
             merged = build()
-            path = self.root / f"{int_id:08d}-{name}"
+            path = self.root / name
             self._write(merged, path)
             entry = CachedAdapter(key=key, lora_name=name, lora_int_id=int_id, path=path,
                                   rank=merged.rank, nbytes=_dir_bytes(path))
@@ -158,8 +162,12 @@ class MergedAdapterCache:
             shutil.rmtree(entry.path, ignore_errors=True)
         self.stats.entries = len(self._entries)
 
-    def clear(self) -> None:
+    def clear(self, forget_identities: bool = False) -> None:
+        """Delete every cached directory; ``forget_identities`` also gives future entries new vLLM
+        ids, so vLLM's own adapter cache cannot serve them either (cold-cache benchmarks)."""
         with self._lock:
+            if forget_identities:
+                self._ids.clear()
             for entry in self._entries.values():
                 shutil.rmtree(entry.path, ignore_errors=True)
             self._entries.clear()

@@ -60,6 +60,18 @@ def test_lru_by_bytes_stable_ids_and_deleted_dirs(tmp_path):
     assert not any((tmp_path / "c").iterdir())
 
 
+def test_two_caches_never_share_a_vllm_id(tmp_path):
+    """Engines sharing one vLLM engine must not hand it the same lora_int_id for different adapters."""
+    key = make_key(["a"], "v")
+    one = MergedAdapterCache(_writer([]), root=tmp_path / "1").get_or_build(key, lambda: _merged(1))
+    two = MergedAdapterCache(_writer([]), root=tmp_path / "2").get_or_build(key, lambda: _merged(2))
+    assert one.lora_int_id != two.lora_int_id and one.lora_name != two.lora_name
+    cache = MergedAdapterCache(_writer([]), root=tmp_path / "3")
+    first = cache.get_or_build(key, lambda: _merged(1))
+    cache.clear(forget_identities=True)
+    assert cache.get_or_build(key, lambda: _merged(1)).lora_int_id != first.lora_int_id
+
+
 def test_pinned_entries_survive_until_released(tmp_path):
     cache = MergedAdapterCache(_writer([]), root=tmp_path, max_bytes=1)  # everything is over budget
     ka, kb = make_key(["a"], "v"), make_key(["b"], "v")
