@@ -31,7 +31,8 @@ def _encode(args: argparse.Namespace) -> int:
     ray_opts = None
     if args.ray_address:
         ray_opts = RayOptions(address=args.ray_address, num_cpus=args.ray_num_cpus,
-                              cpus_per_actor=args.ray_cpus_per_actor, max_actors=args.ray_max_actors)
+                              cpus_per_actor=args.ray_cpus_per_actor, max_actors=args.ray_max_actors,
+                              gpu_actors=args.ray_gpu_actors)
     summary = encode_corpus(args.augmented, args.model, args.out, cfg, ray_address=args.ray_address,
                             progress=not args.no_progress, docs_per_shard=args.docs_per_shard, ray_opts=ray_opts)
     print(summary.format())
@@ -58,6 +59,9 @@ def _register_encode(sub) -> None:
     p.add_argument("--ray-cpus-per-actor", type=int,
                    help="CPU-only clusters: one trainer actor per this many CPUs (default min(4, all))")
     p.add_argument("--ray-max-actors", type=int, help="at most this many trainer actors")
+    p.add_argument("--ray-gpu-actors", type=int,
+                   help="start this many one-GPU trainer actors even if the GPU nodes are not up yet "
+                        "(an autoscaling cluster launches them); default: one per GPU present")
     p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha (default {d.alpha})")
     p.add_argument("--targets", help=f"comma-separated target module names (default {','.join(d.target_modules)})")
@@ -122,10 +126,14 @@ def _augment(args: argparse.Namespace) -> int:
         augmenter = RuleAugmenter(RuleAugmenterConfig(n_qa=args.n_qa, n_rewrites=args.n_rewrites,
                                                       include_title=args.include_title,
                                                       batch_size=args.batch_size or 256))
+    ray_opts = None
     if args.ray_address:
-        raise PragError("--ray-address for augment is not wired yet: run without it (single process)")
+        from offline_encode.ray_jobs import RayOptions
+
+        ray_opts = RayOptions(address=args.ray_address, num_cpus=args.ray_num_cpus,
+                              cpus_per_actor=args.ray_cpus_per_actor, max_actors=args.ray_max_actors)
     summary = augment_corpus(args.corpus, args.out, augmenter, limit=args.limit, retry_failed=args.retry_failed,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, ray_opts=ray_opts)
     print(summary.format())
     return 0
 
@@ -150,6 +158,9 @@ def _register_augment(sub) -> None:
     p.add_argument("--batch-size", type=int, help="documents per generation call / written batch (default 256)")
     p.add_argument("--limit", type=int, help="augment only the first N documents of the corpus")
     p.add_argument("--retry-failed", action="store_true", help="rerun documents recorded as failed")
-    p.add_argument("--ray-address", help="shard the work over a Ray cluster (address, 'auto' or 'local')")
+    p.add_argument("--ray-address", help="shard the batches over Ray actors: a cluster address, 'auto' or 'local'")
+    p.add_argument("--ray-num-cpus", type=int, help="with --ray-address local: CPUs of the local cluster")
+    p.add_argument("--ray-cpus-per-actor", type=int, help="CPU clusters: one augmenter actor per this many CPUs")
+    p.add_argument("--ray-max-actors", type=int, help="at most this many augmenter actors (one per GPU by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_augment)

@@ -211,3 +211,22 @@ def test_rule_on_real_nq_passages(tmp_path):
     for rec in ok:
         assert rec["qa"] and all(p["answer"] in rec["passage"] for p in rec["qa"])
         assert rec["rewrites"][0] != rec["passage"]
+
+
+def test_ray_local_cluster_gives_the_same_records(tmp_path):
+    """Batches on 2 Ray actors (local 2-CPU cluster): same records as one process, any order."""
+    from offline_encode.ray_jobs import LOCAL, RayOptions
+
+    docs = [dict(d, id=f"{d['id']}-{k}") for k in range(4) for d in DOCS]
+    corpus = _write_corpus(tmp_path / "corpus.jsonl", docs)
+    single = tmp_path / "single.jsonl"
+    augment_corpus(corpus, single, RuleAugmenter(), progress=False)
+    out = tmp_path / "ray.jsonl"
+    aug = RuleAugmenter(RuleAugmenterConfig(batch_size=5))
+    s = augment_corpus(corpus, out, aug, progress=False,
+                       ray_opts=RayOptions(address=LOCAL, num_cpus=2, cpus_per_actor=1))
+    assert (s.done, s.failed, s.workers) == (20, 4, 2)
+    by_id = lambda path: sorted(_records(path), key=lambda r: r["doc_id"])  # noqa: E731
+    assert by_id(out) == by_id(single)
+    s = augment_corpus(corpus, out, aug, progress=False)  # resumes in-process: nothing left
+    assert (s.skipped_done, s.done) == (24, 0)

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Iterator, Protocol
 
 from prag.errors import PragError
 from prag.io import check_readable
@@ -40,10 +40,13 @@ class AugmentSummary:
     failure_reasons: dict[str, int] = field(default_factory=dict)
     truncated_bytes: int = 0  # a torn last line from a crash, cut off at start
     seconds: float = 0.0
+    ray_address: str | None = None
+    workers: int = 1
 
     def format(self) -> str:
+        where = f", Ray at {self.ray_address} with {self.workers} worker(s)" if self.ray_address else ""
         lines = [f"augmented {self.done} document(s), {self.failed} failed, "
-                 f"{self.skipped_done} skipped as already done -> {self.out_path} ({self.seconds:.1f} s)"]
+                 f"{self.skipped_done} skipped as already done -> {self.out_path} ({self.seconds:.1f} s{where})"]
         for reason, n in sorted(self.failure_reasons.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  failed: {n} x {reason}")
         if self.skipped_empty:
@@ -66,13 +69,37 @@ def _count_lines(path: Path, limit: int | None) -> int | None:
     return min(n, limit) if limit is not None else n
 
 
+class AugmentWorker:
+    """Rebuilds an augmenter from (class, config) on a Ray worker; the engine loads once per actor."""
+
+    def __init__(self, augmenter_cls: type, cfg: Any):
+        self.augmenter = augmenter_cls(cfg)
+
+    def run(self, docs: list[Document]) -> list[dict]:
+        return self.augmenter.augment_documents(docs)
+
+
+def _ray_spec(augmenter: Augmenter) -> tuple[type, Any]:
+    from offline_encode.augment.llm import LLMAugmenter
+
+    cfg = getattr(augmenter, "cfg", None)
+    if cfg is None:
+        raise PragError(f"augmenter {augmenter.name!r} cannot run on Ray: it has no config to rebuild it from")
+    if isinstance(augmenter, LLMAugmenter) and not cfg.model:
+        raise PragError("the llm augmenter on Ray needs a model path (cfg.model / --model), not an engine object")
+    return type(augmenter), cfg
+
+
 def augment_corpus(corpus_path: str | Path, out_path: str | Path, augmenter: Augmenter,
                    limit: int | None = None, retry_failed: bool = False, progress: bool = True,
-                   batch_size: int | None = None) -> AugmentSummary:
+                   batch_size: int | None = None, ray_opts: Any = None) -> AugmentSummary:
     """Augment every document of the corpus (the first ``limit``) into ``out_path``, resumably.
 
     Rerunning the same command skips the doc ids already in ``out_path``; a torn last line from a
     crash is cut off first. Per-document failures are written as error records and counted.
+    ``ray_opts`` (``offline_encode.ray_jobs.RayOptions``) runs the batches on Ray actors, each
+    rebuilding the augmenter from its config; records are then written in completion order
+    (the content per document is the same: the llm augmenter seeds each document by its id).
     """
     corpus_path = check_readable(corpus_path, "corpus file")
     if limit is not None and limit < 1:
@@ -92,8 +119,7 @@ def augment_corpus(corpus_path: str | Path, out_path: str | Path, augmenter: Aug
     bar = tqdm(total=_count_lines(corpus_path, limit), unit="doc", desc=f"augment ({augmenter.name})",
                disable=not progress, dynamic_ncols=True)
 
-    def flush(pending: list[Document]) -> None:
-        records = augmenter.augment_documents(pending)
+    def commit(pending: list[Document], records: list[dict]) -> None:
         if len(records) != len(pending) or any(r["doc_id"] != d.id for r, d in zip(records, pending)):
             raise RuntimeError(f"augmenter {augmenter.name!r} returned records out of order")
         writer.write(records)
@@ -105,7 +131,7 @@ def augment_corpus(corpus_path: str | Path, out_path: str | Path, augmenter: Aug
                 summary.done += 1
         bar.update(len(pending))
 
-    try:
+    def batches() -> Iterator[list[Document]]:
         pending: list[Document] = []
         for i, doc in enumerate(iter_corpus(corpus_path, stats)):
             if limit is not None and i >= limit:
@@ -116,10 +142,35 @@ def augment_corpus(corpus_path: str | Path, out_path: str | Path, augmenter: Aug
                 continue
             pending.append(doc)
             if len(pending) >= batch:
-                flush(pending)
+                yield pending
                 pending = []
         if pending:
-            flush(pending)
+            yield pending
+
+    try:
+        if ray_opts is None:
+            for pending in batches():
+                commit(pending, augmenter.augment_documents(pending))
+        else:
+            from offline_encode.ray_jobs import WorkerPool, ray_session
+
+            spec = _ray_spec(augmenter)
+            summary.ray_address = ray_opts.address
+            with ray_session(ray_opts):
+                pool = WorkerPool(AugmentWorker, spec, ray_opts=ray_opts)
+                summary.workers = pool.size
+                sent: dict[int, list[Document]] = {}
+
+                def tracked() -> Iterator[list[Document]]:
+                    for i, pending in enumerate(batches()):
+                        sent[i] = pending
+                        yield pending
+
+                try:
+                    for i, records in pool.map("run", tracked()):
+                        commit(sent.pop(i), records)
+                finally:
+                    pool.close()
     finally:
         bar.close()
         writer.close()
