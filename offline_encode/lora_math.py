@@ -11,12 +11,14 @@ import torch
 from torch import Tensor
 
 
-def batched_lora_delta(x: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
-    """Per-row LoRA output: row i of ``x`` [n, L, in] uses its own ``a[i]`` [r, in] and ``b[i]`` [out, r].
+def add_batched_lora(base_out: Tensor, x: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """``base_out + scaling * (x @ a[i].T) @ b[i].T`` per row: row i of ``x`` [n, L, in] uses its own
+    ``a[i]`` [r, in] and ``b[i]`` [out, r]; ``base_out`` is the frozen layer's output [n, L, out].
 
-    Same operation order as PEFT's ``lora_B(lora_A(x)) * scaling``, so fp32 results agree to rounding.
+    The same maths as PEFT's ``base(x) + lora_B(lora_A(x)) * scaling``; ``baddbmm`` fuses the scale and
+    the add into the second matmul, so the wide [n, L, out] delta is never materialised separately.
     """
-    return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * scaling
+    return torch.baddbmm(base_out, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2), alpha=scaling)
 
 
 def adamw_update_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],

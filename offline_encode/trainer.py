@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from offline_encode.config import EncodeConfig, lora_key
 from offline_encode.device import resolve_device, resolve_dtype
-from offline_encode.lora_math import adamw_update_, batched_lora_delta, weighted_token_ce
+from offline_encode.lora_math import adamw_update_, add_batched_lora, weighted_token_ce
 from prag.errors import PragError
 
 Adapter = dict[str, Tensor]
@@ -207,7 +207,7 @@ class BatchedLoraTrainer:
             if active.k < a.shape[0]:
                 a, b = a[: active.k], b[: active.k]
             a, b = a.to(x.dtype), b.to(x.dtype)
-            return output + batched_lora_delta(x, a, b, scaling)
+            return add_batched_lora(output, x, a, b, scaling)
 
         return hook
 
@@ -266,6 +266,7 @@ class BatchedLoraTrainer:
         exp_avgs = [torch.zeros_like(p) for p in params]
         exp_avg_sqs = [torch.zeros_like(p) for p in params]
         self._active = _Active(a, b)
+        losses: list[Tensor] = []
         try:
             for step in range(len(examples[0])):
                 k = sum(1 for ex in examples if len(ex) > step)  # a prefix, because of the sort
@@ -280,9 +281,10 @@ class BatchedLoraTrainer:
                 for p in params:
                     p.grad = None
                 stats.steps += 1
-                stats.losses.append(float(loss.detach()))
+                losses.append(loss.detach())
         finally:
             self._active = None
+        stats.losses.extend(torch.stack(losses).tolist() if losses else [])  # one device sync per group
         out: list[Adapter] = []
         for i in range(n):
             adapter: Adapter = {}
@@ -293,27 +295,35 @@ class BatchedLoraTrainer:
         return out
 
     def _loss(self, rows: list[list[int]], stats: TrainStats) -> Tensor:
-        """``sum_rows mean_tokens(CE)`` over right-padded rows, logits computed chunk by chunk."""
+        """``sum_rows mean_tokens(CE)`` over right-padded rows, logits computed chunk by chunk.
+
+        Indices of the real (non-pad) predicted positions are built on the host from the known
+        lengths, so the step never waits for the device.
+        """
         lengths = [len(r) for r in rows]
         width = max(lengths)
         ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        positions, weights = [], []
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            positions.append(torch.arange(i * width, i * width + len(row) - 1))
+            weights.append(torch.full((len(row) - 1,), 1.0 / (len(row) - 1), dtype=torch.float32))
         stats.tokens += sum(lengths)
         stats.padded_tokens += len(rows) * width - sum(lengths)
-        ids = ids.to(self.device)
+        non_blocking = self.device.type == "cuda"
+        pos = torch.cat(positions)
+        targets = ids.view(-1)[pos + 1].to(self.device, non_blocking=non_blocking)
+        pos = pos.to(self.device, non_blocking=non_blocking)
+        weight = torch.cat(weights).to(self.device, non_blocking=non_blocking)
+        ids = ids.to(self.device, non_blocking=non_blocking)
         # Right padding + causal attention: real positions never see the pads, so no mask is needed.
         hidden = self._decoder(input_ids=ids, use_cache=False).last_hidden_state
-        n_pred = torch.tensor(lengths, device=self.device) - 1
-        valid = torch.arange(width - 1, device=self.device)[None, :] < n_pred[:, None]
-        h = hidden[:, :-1][valid]
-        targets = ids[:, 1:][valid]
-        weights = (1.0 / n_pred.to(torch.float32)).repeat_interleave(n_pred)
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)
         lm_weight = self._lm_head.weight
         chunk = max(1, self.cfg.loss_chunk_tokens)
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], chunk):
             e = s + chunk
-            total = total + checkpoint(weighted_token_ce, h[s:e], lm_weight, targets[s:e], weights[s:e],
+            total = total + checkpoint(weighted_token_ce, h[s:e], lm_weight, targets[s:e], weight[s:e],
                                        use_reentrant=False)
         return total
