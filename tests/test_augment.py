@@ -76,6 +76,17 @@ def test_rule_questions_on_an_encyclopedic_passage():
     cap = RuleAugmenter().augment_documents([Document(**DOCS[1])])[0]
     assert cap["qa"][0] == {"question": "What is the capital of Varnesia?", "answer": "Esterhalm",
                             "full_answer": "Esterhalm is the capital of Varnesia."}
+    bio = Document("b", "Samaix Trouneand was born in 1854 in the town of Caxbury. Samaix Trouneand was a potter in "
+                        "the city of Breandmoor. Samaix Trouneand established the Jadirk Brewery in 1880. "
+                        "Samaix Trouneand married Jakrym Piliojam.", "Samaix Trouneand")
+    qa = RuleAugmenter(RuleAugmenterConfig(n_qa=6)).augment_documents([bio])[0]["qa"]
+    assert [(p["question"], p["answer"]) for p in qa] == [
+        ("When was Samaix Trouneand born?", "1854"),
+        ("Who was a potter in the city of Breandmoor?", "Samaix Trouneand"),
+        ("In what year did Samaix Trouneand establish the Jadirk Brewery?", "1880"),
+        ("Who did Samaix Trouneand marry?", "Jakrym Piliojam"),
+        ("Where was Samaix Trouneand born?", "Caxbury"),
+        ("In which city was Samaix Trouneand a potter?", "Breandmoor")]
     more = RuleAugmenter(RuleAugmenterConfig(n_qa=6, n_rewrites=2)).augment_documents([Document(**DOCS[0])])[0]
     answers = [p["answer"] for p in more["qa"]]
     assert len(more["rewrites"]) == 2 and more["rewrites"][0] != more["rewrites"][1]

@@ -272,10 +272,58 @@ def _wh_for(span: Span, sentence: str, passage: str) -> tuple[int, str]:
                                                and is_person(span.text, "he"))
     if sentence[span.end:span.end + 2] in ("'s", "’s"):
         return span.start, "whose"
-    m = re.search(r"\b(in|at|near|from)\s+$", before)
+    m = re.search(r"\b(in|at|near|from)\s+(?:the\s+)?$", before)
     if m and not person and not span.text.isupper():
         return m.start(), f"{m.group(1)} which place"
     return span.start, "whom" if person else "what"
+
+
+# Past-tense verbs whose base form we know: "X founded Y in 1902" -> "In what year did X found Y?"
+PAST_LEMMAS = {
+    "founded": "found", "established": "establish", "married": "marry", "worked": "work", "moved": "move",
+    "built": "build", "wrote": "write", "won": "win", "joined": "join", "opened": "open", "designed": "design",
+    "discovered": "discover", "invented": "invent", "studied": "study", "taught": "teach", "published": "publish",
+    "composed": "compose", "painted": "paint", "led": "lead", "left": "leave", "lived": "live", "died": "die",
+    "created": "create", "settled": "settle", "employed": "employ", "received": "receive", "started": "start",
+    "began": "begin", "became": "become", "met": "meet", "visited": "visit", "ruled": "rule", "served": "serve",
+    "directed": "direct", "produced": "produce", "recorded": "record", "released": "release", "had": "have",
+    "played": "play", "signed": "sign", "bought": "buy", "sold": "sell", "lost": "lose", "made": "make",
+    "founded,": "found", "named": "name", "trained": "train", "inherited": "inherit", "headed": "head",
+}
+_FRONT_VERB = re.compile(r"(?P<s>(?:The |the )?[^,;:()\"]+?) (?P<v>was|were|is|are|" +
+                         "|".join(map(re.escape, PAST_LEMMAS)) + r")\b")
+_MOVABLE_PREP = re.compile(r"\b(in|at|on|by|from|to|with|for|near|during|since|until)\s+$", re.I)
+
+
+def _front_question(sent: str, start: int, end: int, wh: str) -> str | None:
+    """Move the wh-phrase replacing ``sent[start:end]`` to the front, with do-support or inversion.
+
+    "X married Y." -> "Who did X marry?"; "X was a potter in the city of Y." -> "In which city was
+    X a potter?". None when the sentence is not "<short subject> <known verb> ..." with the phrase
+    after the verb, so the caller keeps the in-situ form.
+    """
+    m = _FRONT_VERB.match(sent)
+    if not m or m.end() > start or len(m.group("s").split()) > 6 or m.group("s").split()[0] in STOP_CAPS[1:] \
+            or re.search(r"[,;:()—–\"]", sent.rstrip(".!?")):
+        return None  # only simple clauses: moving a phrase out of a nested one garbles the question
+    before = sent[m.end():start]
+    if wh.split()[0] not in ("in", "on", "since", "until", "by", "from", "during"):
+        prep = _MOVABLE_PREP.search(before)
+        if re.search(r"\bthe\s+$", before):
+            before = before[:re.search(r"\bthe\s+$", before).start()]
+            prep = _MOVABLE_PREP.search(before)
+        if prep:  # "in the city of X" -> "In which city ..."
+            wh, before = f"{prep.group(1).lower()} {wh}", before[:prep.start()]
+    if wh == "whom" and not wh.startswith(("in ", "by ", "with ", "to ", "for ", "from ")):
+        wh = "who"
+    middle = " ".join((before + " " + sent[end:]).split()).rstrip(".!?;: ").strip(" ,")
+    subj, verb = _lower_start(m.group("s")), m.group("v")
+    if verb in ("was", "were", "is", "are"):
+        body = f"{verb} {subj}" + (f" {middle}" if middle else "")
+    else:
+        aux = "did"
+        body = f"{aux} {subj} {PAST_LEMMAS[verb]}" + (f" {middle}" if middle else "")
+    return _as_question(f"{wh} {body}")
 
 
 class QACandidate(NamedTuple):
@@ -353,7 +401,8 @@ def qa_candidates(sentences: list[str], passage: str, known: tuple[str, ...]) ->
                     wh, end = f"how many {unit.group(1)}", end + unit.end()
                 else:
                     wh = "what number"
-            q = _as_question(sent[:start] + wh + sent[end:])
+            q = (_front_question(sent, start, end, wh) if wh != "what number" else None) \
+                or _as_question(sent[:start] + wh + sent[end:])
             prio = 2 if sp.kind in ("year", "date", "number") else 3
             cands.append(QACandidate(prio, q, sp.text, sent))
         cands.sort(key=lambda c: c.priority)  # stable: text order within a priority
