@@ -57,7 +57,8 @@ def register(sub) -> None:
                    help="passages embedded and added per step; bounds memory (default 4096)")
     b.add_argument("--nlist", type=int, default=None,
                    help="ivf: number of lists (default 4*sqrt(N), at most train-size/39)")
-    b.add_argument("--nprobe", type=int, default=16, help="ivf: lists probed per query, stored in the index (default 16)")
+    b.add_argument("--nprobe", type=int, default=None,
+                   help="ivf: lists probed per query, stored in the index (default max(32, nlist/16), at most nlist)")
     b.add_argument("--train-size", type=int, default=100_000,
                    help="ivf: passages sampled at random to train the lists (default 100000)")
     b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: graph degree M (default 32)")

@@ -102,10 +102,10 @@ class Retriever:
             raise PragError(f"{index_dir} is inconsistent (manifest: {manifest.count} x {manifest.dim}, FAISS: "
                             f"{index.ntotal} x {index.d}, doc store: {len(store)}); rebuild it")
         if manifest.index_type == "ivf":
-            index.nprobe = check_positive('nprobe', nprobe) if nprobe is not None else int(manifest.index_params.get("nprobe", 16))
+            index.nprobe = check_positive('nprobe', nprobe) if nprobe is not None else int(manifest.index_params.get("nprobe", index.nprobe))
         if manifest.index_type == "hnsw":
             index.hnsw.efSearch = check_positive('ef_search', ef_search) if ef_search is not None \
-                else int(manifest.index_params.get("ef_search", 128))
+                else int(manifest.index_params.get("ef_search", index.hnsw.efSearch))
         bm25 = None
         if manifest.bm25:
             if not (index_dir / "bm25").is_dir():

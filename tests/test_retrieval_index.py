@@ -264,6 +264,12 @@ def test_ivf_k_beyond_probed_lists_has_no_missing_ids(typed_indexes, embedder):
     assert all(d.startswith("doc-") for d, _ in hits)
 
 
+def test_ivf_nprobe_rules():
+    from retrieval.index import ivf_nprobe
+
+    assert (ivf_nprobe(66, None), ivf_nprobe(7, None), ivf_nprobe(4000, None), ivf_nprobe(66, 8)) == (32, 7, 250, 8)
+
+
 def test_ivf_nlist_rules():
     assert ivf_nlist(2600, None) == 66  # 4*sqrt(2600)=204, capped at 2600/39
     assert ivf_nlist(1_000_000, None) == 4000

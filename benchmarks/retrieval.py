@@ -1,0 +1,215 @@
+"""Retrieval benchmark on the NQ pool: build and query throughput, recall for flat / hnsw / ivf.
+
+    python -m benchmarks.retrieval --out DIR [--data NQ_ORACLE.jsonl.gz] [--limit N] [--k 10]
+
+Corpus: the unique gold passages (``ctxs[0]``) of ``../shared/data/nq_open_oracle.jsonl.gz``
+(2,600 passages, 2,655 questions), embedded with the default all-MiniLM-L6-v2.
+
+What is measured (all through the library's real code paths):
+- build: ``build_index`` end to end for flat (read, doc store, embed, FAISS, manifest). For hnsw
+  and ivf the same corpus is rebuilt with a cached embedder, which gives the time spent outside
+  embedding; their end-to-end figure is that plus the flat build's embedding time.
+- query: questions are embedded once (a batch); each index then answers the batch
+  (``search_vectors``) and, for latency, one question at a time.
+- quality: recall@k of each index relative to flat (the fraction of flat's top-k it returns),
+  and recall@1/@5 of each question's own gold passage. BM25 and hybrid (reciprocal-rank fusion)
+  are reported for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from prag.io import atomic_write_json, atomic_write_text
+
+SHARED_NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle.jsonl.gz"
+TYPES = ("flat", "hnsw", "ivf")
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def run(data: Path, workdir: Path, k: int = 10, limit: int | None = None, latency_queries: int = 200) -> dict:
+    import faiss
+    import torch
+
+    from prag.io import atomic_write_jsonl
+    from retrieval.embed import CachedEmbedder, Embedder
+    from retrieval.evaluate import overlap_at_k, pool_oracle_passages, recall_at_k
+    from retrieval.index import IndexConfig, build_index
+    from retrieval.retriever import Retriever
+
+    docs, qas = pool_oracle_passages(data)
+    if limit:
+        docs = docs[:limit]
+        keep = {d["id"] for d in docs}
+        qas = [qa for qa in qas if qa.gold_id in keep]
+    corpus = workdir / "pool.jsonl"
+    atomic_write_jsonl(corpus, docs)
+    questions = [qa.question for qa in qas]
+    gold = [qa.gold_id for qa in qas]
+    n = len(docs)
+
+    base = Embedder()
+    cached = CachedEmbedder(base)
+    print(f"building flat over {n} passages (embedding on {base.device}) ...", flush=True)
+    flat_e2e = build_index(corpus, workdir / "flat-e2e", IndexConfig(), embedder=cached, progress=True).seconds
+
+    rows: dict[str, dict] = {}
+    no_embed: dict[str, float] = {}
+    for t in TYPES:
+        res = build_index(corpus, workdir / t, IndexConfig(index_type=t), embedder=cached, progress=False)
+        no_embed[t] = res.seconds
+        rows[t] = {"index_params": res.manifest.index_params}
+    embed_seconds = max(0.0, flat_e2e - no_embed["flat"])
+    bm25_build = build_index(corpus, workdir / "bm25", IndexConfig(bm25=True), embedder=cached, progress=False)
+    bm25_seconds = max(0.0, bm25_build.seconds - no_embed["flat"])
+
+    # query embedding: a fresh (uncached) pass over all questions
+    t0 = time.perf_counter()
+    qvecs = base.encode(questions)
+    q_embed = time.perf_counter() - t0
+
+    results: dict[str, list[list[str]]] = {}
+    for t in TYPES:
+        with Retriever.load(workdir / t, embedder=cached) as r:
+            r.search_vectors(qvecs[:8], k)  # warm up
+            t0 = time.perf_counter()
+            hits = r.search_vectors(qvecs, k)
+            batch_s = time.perf_counter() - t0
+            if t == "flat":
+                flat_rows = hits
+            m = min(latency_queries, len(qvecs))
+            t0 = time.perf_counter()
+            for i in range(m):
+                r.search_vectors(qvecs[i:i + 1], k)
+            single_s = (time.perf_counter() - t0) / m
+            all_rows = sorted({x for h in hits for x, _ in h})
+            by_row = dict(zip(all_rows, r.store.ids_of_rows(all_rows)))
+            results[t] = [[by_row[x] for x, _ in h] for h in hits]
+        rows[t].update({
+            "build_s_without_embedding": round(no_embed[t], 3),
+            "build_passages_per_s": round(_rate(n, embed_seconds + no_embed[t]), 1),
+            "index_only_passages_per_s": round(_rate(n, no_embed[t]), 1),
+            "search_batch_qps": round(_rate(len(qvecs), batch_s), 1),
+            "search_single_ms": round(single_s * 1000, 3),
+            "end_to_end_qps": round(_rate(len(qvecs), q_embed + batch_s), 1),
+        })
+    for t in TYPES:
+        rows[t].update({f"recall@{j}_vs_flat": round(overlap_at_k(results[t], results["flat"], j), 4)
+                        for j in sorted({1, 5, k})})
+        rows[t].update({"gold_recall@1": round(recall_at_k(results[t], gold, 1), 4),
+                        "gold_recall@5": round(recall_at_k(results[t], gold, 5), 4)})
+
+    # the speed / recall dial of each approximate index
+    sweeps: dict[str, list[dict]] = {"ivf": [], "hnsw": []}
+    nlist = rows["ivf"]["index_params"]["nlist"]
+    dials = {"ivf": ("nprobe", [p for p in (1, 2, 4, 8, 16, 32, 64) if p <= nlist]),
+             "hnsw": ("ef_search", [16, 32, 64, 128, 256])}
+    for t, (knob, values) in dials.items():
+        for v in values:
+            with Retriever.load(workdir / t, embedder=cached, **{knob: v}) as r:
+                t0 = time.perf_counter()
+                hits = r.search_vectors(qvecs, k)
+                seconds = time.perf_counter() - t0
+            approx = [[x for x, _ in h] for h in hits]
+            exact_rows = [[x for x, _ in h] for h in flat_rows]
+            sweeps[t].append({knob: v, f"recall@{k}_vs_flat": round(overlap_at_k(approx, exact_rows, k), 4),
+                              "search_batch_qps": round(_rate(len(qvecs), seconds), 1)})
+
+    with Retriever.load(workdir / "bm25", embedder=cached) as r:
+        for method in ("bm25", "hybrid"):
+            t0 = time.perf_counter()
+            hits = r.search(questions, k, method=method)
+            seconds = time.perf_counter() - t0
+            ids = [[d for d, _ in h] for h in hits]
+            rows[method] = {
+                "end_to_end_qps": round(_rate(len(questions), seconds), 1),
+                "gold_recall@1": round(recall_at_k(ids, gold, 1), 4),
+                "gold_recall@5": round(recall_at_k(ids, gold, 5), 4),
+            }
+    rows["bm25"]["build_s_without_embedding"] = round(bm25_seconds, 3)
+
+    return {
+        "corpus": {"source": str(data), "passages": n, "questions": len(questions)},
+        "embedder": base.name, "device": base.device, "k": k,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "faiss_threads": faiss.omp_get_max_threads()},
+        "embedding": {"passages_per_s": round(_rate(n, embed_seconds), 1), "passage_seconds": round(embed_seconds, 2),
+                      "flat_build_seconds": round(flat_e2e, 2), "questions_per_s": round(_rate(len(qvecs), q_embed), 1)},
+        "indexes": rows,
+        "sweeps": sweeps,
+    }
+
+
+def markdown(res: dict) -> str:
+    k = res["k"]
+    c = res["corpus"]
+    lines = [
+        f"Corpus: NQ-open gold passages pooled ({c['passages']:,} passages, {c['questions']:,} questions); "
+        f"embedder {res['embedder']} on {res['device']} ({res['machine']['cpus']} CPUs). "
+        f"Embedding: {res['embedding']['passages_per_s']:,.0f} passages/s, "
+        f"{res['embedding']['questions_per_s']:,.0f} questions/s.",
+        "",
+        f"| index | build (passages/s) | index only (passages/s) | search batch (q/s) | search 1 query (ms) "
+        f"| end-to-end (q/s) | recall@1 vs flat | recall@{k} vs flat | gold recall@1 | gold recall@5 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in TYPES:
+        r = res["indexes"][t]
+        params = ", ".join(f"{a}={b}" for a, b in r["index_params"].items() if a != "train_size")
+        name = f"{t} ({params})" if params else t
+        lines.append(f"| {name} | {r['build_passages_per_s']:,.0f} | {r['index_only_passages_per_s']:,.0f} "
+                     f"| {r['search_batch_qps']:,.0f} | {r['search_single_ms']:.3f} | {r['end_to_end_qps']:,.0f} "
+                     f"| {r['recall@1_vs_flat']:.3f} | {r[f'recall@{k}_vs_flat']:.3f} "
+                     f"| {r['gold_recall@1']:.3f} | {r['gold_recall@5']:.3f} |")
+    for t in ("bm25", "hybrid"):
+        r = res["indexes"][t]
+        name = "bm25 (bm25s)" if t == "bm25" else "hybrid (flat + bm25, RRF)"
+        lines.append(f"| {name} | | | | | {r['end_to_end_qps']:,.0f} | | | {r['gold_recall@1']:.3f} "
+                     f"| {r['gold_recall@5']:.3f} |")
+    for t, knob in (("ivf", "nprobe"), ("hnsw", "ef_search")):
+        sweep = res["sweeps"][t]
+        lines += ["", f"{t} {knob} sweep: " + ", ".join(
+            f"{row[knob]}: recall@{k} {row[f'recall@{k}_vs_flat']:.3f} at {row['search_batch_qps']:,.0f} q/s"
+            for row in sweep)]
+    lines += ["", "build = whole `build_index` (read, doc store, embed, FAISS, manifest); index only = the same "
+              "without embedding time; search = FAISS on pre-embedded questions; end-to-end = embed the "
+              "questions + search (bm25/hybrid: `Retriever.search`). recall vs flat = share of the exact top-k "
+              "returned; gold recall = the question's own passage in the top 1 / 5.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.retrieval", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output folder for results.json and results.md")
+    parser.add_argument("--data", default=str(SHARED_NQ), help=f"NQ-open oracle file (default {SHARED_NQ})")
+    parser.add_argument("--k", type=int, default=10, help="top-k for search and recall vs flat (default 10)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N pooled passages (quick runs)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    data = Path(args.data)
+    if not data.exists():
+        msg = f"retrieval benchmark skipped: {data} not found (../shared/data is absent on this machine)\n"
+        print(msg, end="")
+        atomic_write_text(out / "results.md", msg)
+        return {}
+    with tempfile.TemporaryDirectory(prefix="prag-bench-retrieval-") as tmp:
+        res = run(data, Path(tmp), k=args.k, limit=args.limit)
+    atomic_write_json(out / "results.json", res)
+    table = markdown(res)
+    atomic_write_text(out / "results.md", table)
+    print(table)
+    return res
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
