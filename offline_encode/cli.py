@@ -117,6 +117,9 @@ def _augment(args: argparse.Namespace) -> int:
             raise PragError("--augmenter llm needs --model (a Hugging Face name or local model path)")
         kw = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
                                     dtype=args.dtype, max_model_len=args.max_model_len,
+                                    max_question_chars=args.max_question_chars,
+                                    max_answer_chars=args.max_answer_chars,
+                                    max_full_answer_chars=args.max_full_answer_chars,
                                     chunk_size=args.batch_size).items() if v is not None}
         augmenter = LLMAugmenter(LLMAugmenterConfig(model=args.model, n_qa=args.n_qa, n_rewrites=args.n_rewrites,
                                                     seed=args.seed, include_title=args.include_title, **kw))
@@ -150,8 +153,11 @@ def _register_augment(sub) -> None:
     p.add_argument("--temperature", type=float, help="llm sampling temperature (default 0.7)")
     p.add_argument("--top-k", type=int, help="llm top-k (default 50)")
     p.add_argument("--max-tokens", type=int, help="llm max new tokens per rewrite / QA list (default 512)")
+    p.add_argument("--max-question-chars", type=int, help="llm QA schema bound on question length (default 150)")
+    p.add_argument("--max-answer-chars", type=int, help="llm QA schema bound on answer length (default 60)")
+    p.add_argument("--max-full-answer-chars", type=int, help="llm QA schema bound on full_answer length (default 200)")
     p.add_argument("--dtype", help="llm engine dtype (default auto)")
-    p.add_argument("--max-model-len", type=int, help="llm engine max model length (default 4096)")
+    p.add_argument("--max-model-len", type=int, help="llm engine max model length (default: the model's own)")
     p.add_argument("--seed", type=int, default=0, help="llm sampling seed (per-document seeds derive from it)")
     p.add_argument("--include-title", choices=["auto", "always", "never"], default="auto",
                    help="prefix the title to the passage: auto = only when the text does not mention it")

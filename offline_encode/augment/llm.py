@@ -64,7 +64,7 @@ class LLMAugmenterConfig:
     chunk_size: int = 256  # documents per vLLM call and per written batch
     # engine settings used only when the augmenter builds its own engine
     dtype: str = "auto"
-    max_model_len: int = 4096
+    max_model_len: int | None = None  # None: the model's own context length
     engine_args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
