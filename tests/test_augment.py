@@ -241,3 +241,16 @@ def test_ray_local_cluster_gives_the_same_records(tmp_path):
     assert by_id(out) == by_id(single)
     s = augment_corpus(corpus, out, aug, progress=False)  # resumes in-process: nothing left
     assert (s.skipped_done, s.done) == (24, 0)
+
+
+def test_iter_augmented_ignores_a_torn_tail_only(tmp_path):
+    path = tmp_path / "aug.jsonl"
+    rec = {"doc_id": "a", "passage": "p", "rewrites": [], "qa": [], "augmenter": "rule", "model": None}
+    path.write_text(json.dumps(rec) + "\n" + '{"doc_id": "b", "pass', encoding="utf-8")
+    assert [r["doc_id"] for _, r in iter_augmented(path)] == ["a"]
+    path.write_text('{"doc_id": "b", "pass\n' + json.dumps(rec) + "\n", encoding="utf-8")
+    with pytest.raises(PragError, match=r"aug\.jsonl:1: malformed JSON"):
+        list(iter_augmented(path))
+    assert record_problem(rec) == "no QA pairs"
+    assert record_problem(dict(rec, qa=[{"question": "q", "answer": "a", "full_answer": "f"}], passage=" ")) \
+        == "missing passage"

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from prag.errors import PragError
-from prag.io import iter_jsonl
 from retrieval.corpus import Document
 
 QA_KEYS = ("question", "answer", "full_answer")
@@ -78,12 +77,27 @@ def record_problem(rec: dict) -> str | None:
 
 
 def iter_augmented(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Stream ``(line_number, record)`` from an augmented file (a torn last line is ignored)."""
-    path = Path(path)
-    for lineno, rec in iter_jsonl(path, "augmented file"):
-        if "doc_id" not in rec:
-            raise PragError(f"{path}:{lineno}: missing field 'doc_id' (is this an augmented file?)")
-        yield lineno, rec
+    """Stream ``(line_number, record)`` from an augmented file.
+
+    A torn last line (no trailing newline: a run still writing, or killed) is ignored; any other
+    malformed line is an error naming file and line.
+    """
+    from prag.io import check_readable, open_text
+
+    path = check_readable(path, "augmented file")
+    with open_text(path) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if not line.endswith("\n"):
+                    return
+                raise PragError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(rec, dict) or "doc_id" not in rec:
+                raise PragError(f"{path}:{lineno}: not an augmented record (no 'doc_id')")
+            yield lineno, rec
 
 
 def _repair_tail(path: Path, window: int = 1 << 22) -> int:

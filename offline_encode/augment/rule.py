@@ -288,7 +288,7 @@ PAST_LEMMAS = {
     "began": "begin", "became": "become", "met": "meet", "visited": "visit", "ruled": "rule", "served": "serve",
     "directed": "direct", "produced": "produce", "recorded": "record", "released": "release", "had": "have",
     "played": "play", "signed": "sign", "bought": "buy", "sold": "sell", "lost": "lose", "made": "make",
-    "founded,": "found", "named": "name", "trained": "train", "inherited": "inherit", "headed": "head",
+    "named": "name", "trained": "train", "inherited": "inherit", "headed": "head",
 }
 _FRONT_VERB = re.compile(r"(?P<s>(?:The |the )?[^,;:()\"]+?) (?P<v>was|were|is|are|" +
                          "|".join(map(re.escape, PAST_LEMMAS)) + r")\b")
@@ -314,7 +314,7 @@ def _front_question(sent: str, start: int, end: int, wh: str) -> str | None:
             prep = _MOVABLE_PREP.search(before)
         if prep:  # "in the city of X" -> "In which city ..."
             wh, before = f"{prep.group(1).lower()} {wh}", before[:prep.start()]
-    if wh == "whom" and not wh.startswith(("in ", "by ", "with ", "to ", "for ", "from ")):
+    if wh == "whom":  # fronted object: "Who did X marry?" ("by whom" keeps its case)
         wh = "who"
     middle = " ".join((before + " " + sent[end:]).split()).rstrip(".!?;: ").strip(" ,")
     subj, verb = _lower_start(m.group("s")), m.group("v")
