@@ -62,7 +62,8 @@ def check_top_k(top_k: Any, rank: int | None = None) -> int:
     """``top_k`` must be positive and ``top_k * rank`` must fit vLLM's largest ``max_lora_rank``."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
         raise PragError(f"top_k must be a positive integer, got top_k={top_k!r}")
-    if rank is not None and top_k * rank > MAX_LORA_RANK:
+    rank = rank or 1  # unknown until the store is open; no adapter has rank < 1
+    if top_k * rank > MAX_LORA_RANK:
         raise PragError(f"top_k={top_k} with adapter rank {rank} gives a merged rank of {top_k * rank}, above "
                         f"vLLM's largest max_lora_rank {MAX_LORA_RANK}; use top_k <= {MAX_LORA_RANK // rank}")
     return top_k
@@ -180,6 +181,9 @@ class Engine:
         """``index``: a ``retrieval.Retriever`` or an index directory; ``store``: an ``AdapterStore``
         or its directory; ``llm``: an existing ``vllm.LLM`` to reuse (else one is built);
         ``documents``: doc id -> text (or ``Document``) for passages when there is no index."""
+        from offline_encode.store import resolve_model_dir
+
+        resolve_model_dir(model)  # a clear PragError for a missing model, before anything slow
         self.model = str(model)
         self.config = config or EngineConfig()
         self.prompt_cfg = self.config.resolved_prompt()
@@ -406,8 +410,14 @@ class Engine:
             params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
             t_gen = time.perf_counter()
 
+            can_enqueue = hasattr(self.llm, "enqueue") and hasattr(self.llm, "wait_for_completion")
+            deferred: list[tuple[int, LoRARequest | None]] = []  # vLLM without enqueue: one generate call
+
             def submit(idx: list[int], lora: LoRARequest | None) -> None:
                 if not idx:
+                    return
+                if not can_enqueue:
+                    deferred.extend((i, lora) for i in idx)
                     return
                 prompts = [TokensPrompt(prompt_token_ids=answers[i].prompt_token_ids) for i in idx]
                 ids = self.llm.enqueue(prompts, params, lora_request=lora, use_tqdm=False)
@@ -437,7 +447,13 @@ class Engine:
                         submit(by_key[key], lora)
                 stats.adapter_wait_s = time.perf_counter() - t0
                 stats.adapters_built = len(by_key) - stats.adapters_reused
-            outputs = self.llm.wait_for_completion(use_tqdm=False) if request_ids else []
+            if deferred:
+                outputs = self.llm.generate(
+                    [TokensPrompt(prompt_token_ids=answers[i].prompt_token_ids) for i, _ in deferred], params,
+                    lora_request=[lora for _, lora in deferred], use_tqdm=False)
+                request_ids.update((out.request_id, i) for out, (i, _) in zip(outputs, deferred))
+            else:
+                outputs = self.llm.wait_for_completion(use_tqdm=False) if request_ids else []
             stats.generate_s = time.perf_counter() - t_gen
         except BaseException:
             if request_ids:  # do not leave our requests running inside the shared engine

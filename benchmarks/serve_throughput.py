@@ -1,0 +1,275 @@
+"""Serving throughput: none / rag / prag / combine on one vLLM engine vs the paper's PEFT loop.
+
+Setup (all local, no network):
+
+* questions: the first ``--n`` NQ-open questions of ``../shared/data/nq_open_oracle.jsonl.gz``;
+* corpus: the real gold Wikipedia passages of the first ``--corpus-size`` questions (about 78
+  words each), indexed with the default dense retriever; each question's top-k documents are
+  retrieved once up front (timed and reported separately) and then passed to every mode as
+  explicit doc ids, so the modes differ only in what the engine does;
+* adapters: random-but-seeded rank-2 adapters per document in a real adapter store (throughput
+  does not depend on adapter values);
+* model: the ``--size`` fixture model (tokenizer trained on the corpus), fp32 on the CPU;
+* k = 3, 20 new tokens, greedy.
+
+Each mode runs once on separate warm-up questions, then on the ``--n`` timed questions with a
+cold merged-adapter cache (new vLLM adapter ids too). ``prag (warm cache)`` reruns ``prag`` on the
+same questions, where every merged adapter is already on tmpfs and loaded in vLLM. The reference
+is the paper's loop, one question at a time: load the 3 per-document PEFT adapters from disk,
+``add_weighted_adapter(..., "cat")``, HF ``generate``, unload.
+
+Writes ``results.json``, ``results.md`` and ``throughput.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NQ_FILE = REPO.parent / "shared" / "data" / "nq_open_oracle.jsonl.gz"
+
+
+def _env() -> None:
+    for k, v in {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false",
+                 "VLLM_CPU_KVCACHE_SPACE": "2"}.items():
+        os.environ.setdefault(k, v)
+
+
+def load_nq(n_questions: int, corpus_size: int) -> tuple[list[dict], list[dict]]:
+    """(questions, corpus) from the NQ oracle file: gold passages of the first ``corpus_size`` questions."""
+    from prag.errors import PragError
+    from prag.io import iter_jsonl
+
+    if not NQ_FILE.exists():
+        raise PragError(f"{NQ_FILE} not found: the serving benchmark needs ../shared/data (see DESIGN.md section 5)")
+    questions, corpus, seen = [], [], {}
+    for lineno, rec in iter_jsonl(NQ_FILE, "NQ oracle file"):
+        if len(questions) >= max(n_questions, corpus_size):
+            break
+        ctx = rec["ctxs"][0]
+        text = ctx["text"].strip()
+        if text not in seen:
+            seen[text] = f"nq-doc-{len(corpus)}"
+            corpus.append({"id": seen[text], "title": ctx.get("title", ""), "text": text})
+        questions.append({"id": f"nq-{lineno}", "question": rec["question"], "answers": rec["answers"]})
+    return questions, corpus
+
+
+def _prepare(work: Path, size: str, corpus: list[dict]) -> tuple[Path, Path]:
+    """Fixture model (tokenizer trained on the corpus) and dense index; reused across runs."""
+    from prag.fixture_model import build_fixture_model
+    from prag.io import atomic_write_jsonl
+    from retrieval.index import build_index
+
+    corpus_file = work / "corpus.jsonl"
+    atomic_write_jsonl(corpus_file, corpus)
+    model = work / f"model-{size}"
+    if not (model / "config.json").exists():
+        build_fixture_model(model, size=size, corpus=corpus_file)
+    index = work / "index"
+    stamp = work / "index.stamp"
+    want = f"{len(corpus)}:{corpus[-1]['id']}"
+    if not index.exists() or not stamp.exists() or stamp.read_text() != want:
+        import shutil
+
+        shutil.rmtree(index, ignore_errors=True)
+        build_index(corpus_file, index, progress=False)
+        stamp.write_text(want)
+    return model, index
+
+
+def _run_mode(engine, questions: list[str], mode: str, doc_ids, cold: bool) -> dict:
+    if cold:
+        engine.cache.clear(forget_identities=True)
+    t0 = time.perf_counter()
+    answers = engine.generate(questions, mode=mode, doc_ids=doc_ids if mode != "none" else None)
+    secs = time.perf_counter() - t0
+    errors = [a.error for a in answers if a.error]
+    if errors:
+        raise RuntimeError(f"{mode}: {len(errors)} questions failed, e.g. {errors[0]}")
+    s = engine.last_stats
+    tokens = sum(len(a.output_token_ids) for a in answers)
+    return {"seconds": secs, "questions": len(questions), "generated_tokens": tokens,
+            "prompt_tokens": sum(len(a.prompt_token_ids) for a in answers),
+            "questions_per_s": len(questions) / secs, "tokens_per_s": tokens / secs,
+            "breakdown_s": {"prompt": s.prompt_s, "adapter_wait": s.adapter_wait_s, "generate": s.generate_s},
+            "adapters_built": s.adapters_built, "answers": answers}
+
+
+def _reference(model: Path, store, prompts: list[list[int]], doc_ids: list[list[str]], max_new_tokens: int) -> dict:
+    import torch
+
+    from engine.reference import PeftReference
+
+    ref = PeftReference(model, store)
+    try:
+        ref.export([d for ids in doc_ids for d in ids])  # the per-document PEFT dirs exist before timing
+        ref.generate(prompts[0], doc_ids[0], max_new_tokens)  # warm-up
+        tokens, outputs = 0, []
+        t0 = time.perf_counter()
+        for p, ids in zip(prompts, doc_ids):
+            out = ref.generate(p, ids, max_new_tokens)
+            tokens += len(out)
+            outputs.append(out)
+        secs = time.perf_counter() - t0
+    finally:
+        ref.close()
+    return {"seconds": secs, "questions": len(prompts), "generated_tokens": tokens,
+            "questions_per_s": len(prompts) / secs, "tokens_per_s": tokens / secs,
+            "torch_threads": torch.get_num_threads(), "outputs": outputs}
+
+
+def _markdown(rows: dict, meta: dict) -> str:
+    lines = [f"Serving throughput, {meta['size']} fixture model ({meta['params']:,} parameters), CPU "
+             f"({meta['cpus']} cores), {meta['n']} NQ questions with real gold passages, k={meta['top_k']}, "
+             f"{meta['max_new_tokens']} new tokens, greedy, max_loras={meta['max_loras']}. "
+             f"Retrieval (done once, shared by all modes): {meta['retrieval_questions_per_s']:.1f} questions/s.",
+             "", "| mode | questions/s | generated tokens/s | mean prompt tokens | seconds | vs reference | vs rag |",
+             "|---|---|---|---|---|---|---|"]
+    ref = rows.get("reference (PEFT, batch 1)", {}).get("questions_per_s")
+    rag = rows.get("rag", {}).get("questions_per_s")
+    for name, r in rows.items():
+        vs_ref = f"{r['questions_per_s'] / ref:.1f}x" if ref else "-"
+        vs_rag = f"{r['questions_per_s'] / rag:.2f}x" if rag else "-"
+        mean_prompt = f"{r['prompt_tokens'] / r['questions']:.0f}" if r.get("prompt_tokens") else "-"
+        lines.append(f"| {name} | {r['questions_per_s']:.2f} | {r['tokens_per_s']:.1f} | {mean_prompt} | "
+                     f"{r['seconds']:.2f} | {vs_ref} | {vs_rag} |")
+    return "\n".join(lines) + "\n"
+
+
+def _chart(rows: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    values = [rows[n]["questions_per_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(range(len(names)), values, color=["#999", "#4a90d9", "#e07b39", "#8e5ea2", "#e0a979", "#555"][:len(names)])
+    ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
+    ax.set_ylabel("questions / s")
+    ax.set_title(title, fontsize=9)
+    for b, v in zip(bars, values):
+        ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    _env()
+    from engine.engine import Engine, EngineConfig
+    from engine.random_store import build_random_store
+    from prag.fixture_model import parameter_count
+    from prag.io import atomic_write_json, atomic_write_text
+    from retrieval.retriever import Retriever
+
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    n_warm = 8
+    questions, corpus = load_nq(args.n + n_warm, max(args.corpus_size, args.n + n_warm))
+    model, index = _prepare(work, args.size, corpus)
+    timed, warm = questions[:args.n], questions[args.n:args.n + n_warm]
+
+    retriever = Retriever.load(index)
+    retriever.search([questions[0]["question"]], args.top_k)  # loads the embedder: not part of the timing
+    t0 = time.perf_counter()
+    hits = retriever.search([q["question"] for q in questions], args.top_k)
+    retrieval_qps = len(questions) / (time.perf_counter() - t0)
+    doc_ids = [[d for d, _ in h] for h in hits]
+    store = build_random_store(work / f"store-{args.size}", model, sorted({d for ids in doc_ids for d in ids}))
+    docs = {d["id"]: d["text"] for d in corpus}
+
+    tq, td = [q["question"] for q in timed], doc_ids[:args.n]
+    rows: dict[str, dict] = {}
+    ref_n = min(args.reference_n, args.n)
+    ref = None
+    if ref_n > 0:  # first, so the vLLM worker processes do not compete with it for the CPU
+        from transformers import AutoTokenizer
+
+        from engine.prompts import build_prompt
+        from prag.prompt import PromptConfig
+
+        tok = AutoTokenizer.from_pretrained(model)
+        prompts = [build_prompt(tok, q, None, PromptConfig(), 10**9).ids for q in tq[:ref_n]]
+        ref = _reference(model, store, prompts, [sorted(d) for d in td[:ref_n]], args.max_new_tokens)
+        print(f"reference: {ref['questions_per_s']:.2f} questions/s", flush=True)
+
+    cfg = EngineConfig(top_k=args.top_k, max_new_tokens=args.max_new_tokens, dtype="float32",
+                       max_model_len=args.max_model_len, max_loras=args.max_loras,
+                       max_cpu_loras=args.max_cpu_loras, prepare_threads=args.prepare_threads)
+    engine = Engine(model, store=store, config=cfg, documents=docs)
+    try:
+        wq, wd = [q["question"] for q in warm], doc_ids[args.n:args.n + n_warm]
+        for mode in ("none", "rag", "prag", "combine"):
+            _run_mode(engine, wq, mode, wd, cold=True)
+        for mode in ("none", "rag", "prag", "combine"):
+            rows[mode] = _run_mode(engine, tq, mode, td, cold=True)
+            print(f"{mode}: {rows[mode]['questions_per_s']:.2f} questions/s", flush=True)
+        rows["prag (warm cache)"] = _run_mode(engine, tq, "prag", td, cold=False)
+    finally:
+        engine.close()
+    if ref is not None:
+        same = sum(a.output_token_ids == o for a, o in zip(rows["prag"]["answers"], ref["outputs"]))
+        ref["identical_to_engine"] = f"{same}/{ref_n}"
+        rows["reference (PEFT, batch 1)"] = ref
+    for r in rows.values():
+        r.pop("answers", None)
+        r.pop("outputs", None)
+    meta = {"size": args.size, "params": parameter_count(model), "cpus": os.cpu_count(), "n": args.n,
+            "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "max_loras": engine_max_loras(cfg),
+            "retrieval_questions_per_s": retrieval_qps, "reference_questions": ref_n,
+            "corpus_docs": len(corpus)}
+    ratios = {}
+    if "reference (PEFT, batch 1)" in rows:
+        ratios["prag_vs_reference"] = rows["prag"]["questions_per_s"] / rows["reference (PEFT, batch 1)"]["questions_per_s"]
+    ratios["prag_vs_rag"] = rows["prag"]["questions_per_s"] / rows["rag"]["questions_per_s"]
+    result = {"meta": meta, "modes": rows, "ratios": ratios}
+    atomic_write_json(out / "results.json", result)
+    md = _markdown(rows, meta)
+    md += "\n" + ", ".join(f"{k}: {v:.2f}x" for k, v in ratios.items()) + "\n"
+    atomic_write_text(out / "results.md", md)
+    _chart(rows, out / "throughput.png", f"PRAG serving, {args.size} model, {args.n} questions, k={args.top_k}")
+    print(md)
+    return result
+
+
+def engine_max_loras(cfg) -> int:
+    from prag.llm import LLMConfig
+
+    return LLMConfig(model="", max_loras=cfg.max_loras).resolved_max_loras()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (results.json, results.md, throughput.png)")
+    p.add_argument("--size", choices=["tiny", "small"], default="small", help="fixture model size (default small)")
+    p.add_argument("--n", type=int, default=96, help="timed questions (default 96)")
+    p.add_argument("--corpus-size", type=int, default=500, help="NQ gold passages in the corpus (default 500)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-loras", type=int, default=96, help="distinct adapters per batch step (default 96)")
+    p.add_argument("--max-cpu-loras", type=int, help="vLLM's CPU adapter cache (default 4 x max-loras)")
+    p.add_argument("--prepare-threads", type=int, default=4)
+    p.add_argument("--reference-n", type=int, default=16, help="questions timed for the PEFT loop (default 16)")
+    p.add_argument("--work", help="cache folder for the model/index/store (default OUT/work)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.n <= 0:
+        raise SystemExit("--n must be positive")
+    return run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
