@@ -198,8 +198,8 @@ def encode_corpus(augmented_path: str | Path, model: str | Path, store_dir: str 
                   ray_opts: RayOptions | None = None) -> EncodeSummary:
     """Train an adapter for every trainable, not yet encoded record of ``augmented_path`` into ``store_dir``.
 
-    ``docs_per_shard`` documents are trained and committed together (default: 256, at least
-    ``cfg.docs_per_step``); a killed run loses at most the shards in flight. ``ray_address``
+    ``docs_per_shard`` documents are trained and committed together (default 256, or fewer on Ray
+    so that every worker gets shards); a killed run loses at most the shards in flight. ``ray_address``
     (``host:port``, ``ray://...``, ``auto`` or ``local``) runs the shards on Ray actors; the
     store directory must then be on a filesystem every node can write.
     """
@@ -229,7 +229,7 @@ def encode_corpus(augmented_path: str | Path, model: str | Path, store_dir: str 
             store._record_augmentation(spec.augmentation)
         if plan.pending_lines:
             store = _train_pending(augmented, model, store_dir, cfg, prompt_cfg, spec, store, plan, shard_docs,
-                                   ray_address, ray_opts, progress, summary)
+                                   docs_per_shard is not None, ray_address, ray_opts, progress, summary)
         summary.docs_in_store = len(store) if store is not None else 0
         summary.bytes_per_doc = store.bytes_per_doc if store is not None else 0
     finally:
@@ -241,7 +241,7 @@ def encode_corpus(augmented_path: str | Path, model: str | Path, store_dir: str 
 
 def _train_pending(augmented: Path, model, store_dir: Path, cfg: EncodeConfig, prompt_cfg: PromptConfig,
                    spec: StoreSpec, store: AdapterStore | None, plan: _Plan, shard_docs: int,
-                   ray_address: str | None, ray_opts: RayOptions | None, progress: bool,
+                   explicit_shard_size: bool, ray_address: str | None, ray_opts: RayOptions | None, progress: bool,
                    summary: EncodeSummary) -> AdapterStore:
     opts = None
     if ray_address is not None:
@@ -256,7 +256,7 @@ def _train_pending(augmented: Path, model, store_dir: Path, cfg: EncodeConfig, p
                 store = AdapterStore.create_or_open(store_dir, spec, init_adapter=lambda: pool.call_first(
                     "init_adapter"))
             n_pending = len(plan.pending_lines)
-            if pool.size > 1:  # enough shards to keep every worker busy
+            if pool.size > 1 and not explicit_shard_size:  # enough shards to keep every worker busy
                 shard_docs = max(1, min(shard_docs, -(-n_pending // (2 * pool.size))))
             bar = None
             if progress:

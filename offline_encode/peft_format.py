@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -45,6 +46,25 @@ def split_key(key: str) -> tuple[str, str]:
     if not sep or which not in ("A", "B"):
         raise PragError(f"adapter key {key!r} is not '<module>.lora_A' or '<module>.lora_B'")
     return module, which
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, but an I/O failure (disk full, ...) raises ``OSError`` with its errno.
+
+    The Rust writer reports them as ``SafetensorError("... (os error 28)")``; callers handle
+    ``OSError`` uniformly (e.g. a full disk becomes a clear ``PragError``).
+    """
+    from safetensors import SafetensorError
+
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except SafetensorError as exc:
+        match = re.search(r"os error (\d+)", str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def adapter_config(rank: int, alpha: float, target_modules: Iterable[str],
@@ -95,7 +115,7 @@ def write_peft_adapter(adapter: Mapping[str, torch.Tensor], out_dir: str | os.Pa
         tensors[peft_key(module, which)] = value.detach().contiguous().cpu()
     config = adapter_config(rank, alpha, target_modules, base_model_name_or_path)
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             fd = os.open(tmp / name, os.O_RDONLY)

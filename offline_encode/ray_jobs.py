@@ -41,6 +41,7 @@ class RayOptions:
     cpus_per_actor: int | None = None  # CPU clusters: one actor per this many CPUs (default: min(4, all))
     gpus_per_actor: float = 1.0  # GPU clusters: one actor per GPU by default
     max_actors: int | None = None
+    gpu_actors: int | None = None  # this many GPU actors even if the GPUs are not up yet (autoscaling)
     connect_timeout_s: float = 5.0
 
 
@@ -118,6 +119,8 @@ def plan_actors(opts: RayOptions, resources: dict[str, float]) -> tuple[int, flo
     """(number of actors, CPUs per actor, GPUs per actor) for a cluster's total resources."""
     gpus = resources.get("GPU", 0.0)
     cpus = resources.get("CPU", 1.0)
+    if opts.gpu_actors:  # an autoscaling cluster adds GPU nodes when these actors are pending
+        return opts.gpu_actors, 1.0, opts.gpus_per_actor or 1.0
     if gpus >= 1:
         per_gpu = opts.gpus_per_actor or 1.0
         n, cpu_each, gpu_each = int(gpus // per_gpu), 1.0, per_gpu

@@ -39,8 +39,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from offline_encode.peft_format import save_safetensors
 from prag.errors import PragError
 from prag.io import atomic_path, atomic_write_json, read_json, sha256_file, sha256_json
 
@@ -255,7 +255,7 @@ def write_shard_file(store_dir: str | os.PathLike, layout: Layout, storage_dtype
     path = Path(store_dir) / SHARDS / name
     try:
         with atomic_path(path) as tmp:
-            save_file({TENSOR: rows}, str(tmp), metadata={"format": "pt", "doc_ids": json.dumps(list(doc_ids))})
+            save_safetensors({TENSOR: rows}, tmp, metadata={"format": "pt", "doc_ids": json.dumps(list(doc_ids))})
     except OSError as exc:
         raise _disk_error(exc, path) from None
     return ShardMeta(name, [str(d) for d in doc_ids], checksums, path.stat().st_size)
@@ -398,7 +398,7 @@ class AdapterStore:
         try:
             (path / SHARDS).mkdir(exist_ok=True)
             with atomic_path(path / INIT) as tmp:
-                save_file(init32, str(tmp), metadata={"format": "pt"})
+                save_safetensors(init32, tmp, metadata={"format": "pt"})
             with atomic_path(path / INDEX) as tmp:
                 conn = sqlite3.connect(tmp)
                 conn.executescript(_SCHEMA)

@@ -1,0 +1,118 @@
+"""Ray: a local 2-CPU cluster encodes the same store as the single-process run; unreachable addresses fail
+fast; ray_cluster.yaml passes Ray's own cluster-config validation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import operator
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from offline_encode.encode import encode_corpus
+from offline_encode.ray_jobs import LOCAL, RayOptions, WorkerPool, plan_actors, ray_session, run_sharded
+from prag.errors import PragError
+from prag.prompt import PromptConfig
+from test_encode import CFG, N_GOOD, assert_same_store, cached_augmented_file, cached_reference_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def augmented_file(tmp_path_factory) -> Path:
+    return cached_augmented_file(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def encoded(tmp_path_factory, tiny_model_dir):
+    return cached_reference_store(tmp_path_factory, tiny_model_dir)
+
+
+def test_local_cluster_matches_single_process(encoded, augmented_file, tiny_model_dir, tmp_path):
+    import ray
+
+    from offline_encode.encode import EncodeWorker
+
+    out = tmp_path / "store"
+    opts = RayOptions(address=LOCAL, num_cpus=2, cpus_per_actor=1)
+    with ray_session(opts):
+        assert ray.cluster_resources()["CPU"] == 2
+        summary = encode_corpus(augmented_file, tiny_model_dir, out, CFG, ray_address=LOCAL, ray_opts=opts,
+                                progress=False, docs_per_shard=3)
+        # the generic helper on the same cluster: results by index, whatever the completion order
+        results = dict(run_sharded(sum, [[1, 2], [3, 4, 5], [6]], ray_address=LOCAL, ray_opts=opts))
+        # a worker's PragError reaches the driver as itself, not wrapped in a Ray traceback
+        pool = WorkerPool(EncodeWorker, (str(tiny_model_dir), CFG, str(out), PromptConfig()), ray_opts=opts)
+        try:
+            with pytest.raises(PragError, match="^augmented record 'x': no QA pairs"):
+                list(pool.map("encode_shard", [[{"doc_id": "x", "passage": "p", "qa": []}]]))
+        finally:
+            pool.close()
+    assert not ray.is_initialized()  # the session we started was shut down
+    assert results == {0: 3, 1: 12, 2: 6}
+    assert (summary.workers, summary.trained, summary.shards_written) == (2, N_GOOD, 4)
+    assert_same_store(out, encoded[0])
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
+def test_unreachable_address_fails_fast(address, augmented_file, tiny_model_dir, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(PragError, match=f"cannot reach the Ray cluster at --ray-address '{address}'"):
+        encode_corpus(augmented_file, tiny_model_dir, tmp_path / "s", CFG, ray_address=address, progress=False)
+    assert time.monotonic() - start < 15
+
+
+def test_auto_resolves_ray_address_and_fails_fast(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # what `ray job submit` sets; here nothing listens
+    start = time.monotonic()
+    with pytest.raises(PragError, match="cannot reach the Ray cluster at --ray-address '127.0.0.1:1'"):
+        with ray_session(RayOptions(address="auto")):
+            pass
+    assert time.monotonic() - start < 15
+
+
+def test_actor_plan():
+    assert plan_actors(RayOptions("x"), {"CPU": 16.0, "GPU": 4.0}) == (4, 1.0, 1.0)
+    assert plan_actors(RayOptions("x"), {"CPU": 16.0}) == (4, 4.0, 0.0)
+    assert plan_actors(RayOptions("x", cpus_per_actor=1, max_actors=3), {"CPU": 16.0}) == (3, 1.0, 0.0)
+    assert plan_actors(RayOptions("x"), {"CPU": 2.0}) == (1, 2.0, 0.0)
+    assert plan_actors(RayOptions("x", gpu_actors=8), {"CPU": 8.0}) == (8, 1.0, 1.0)  # autoscaling
+
+
+def _ray_schema_check(config: dict) -> None:
+    """What `ray up` does before launching: fill in the provider defaults, then validate against
+    ray/autoscaler/ray-schema.json (plus Ray's own cross-field checks)."""
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_ray_cluster_yaml_is_valid():
+    import jsonschema
+
+    config = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    _ray_schema_check(config)
+    nodes = config["available_node_types"]
+    assert config["head_node_type"] in nodes
+    gpu_types = [n for n, spec in nodes.items() if n != config["head_node_type"]]
+    assert gpu_types and all(nodes[n]["max_workers"] >= 1 for n in gpu_types)
+    assert any("make install" in c or "pip install -e" in c for c in config["setup_commands"])
+    text = (REPO / "ray_cluster.yaml").read_text()
+    assert "ray job submit" in text and "prag encode" in text and "--ray-address auto" in text
+    # the check can fail: a misspelt field is rejected
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["head.cpu"]["node_confg"] = broken["available_node_types"]["head.cpu"].pop(
+        "node_config")
+    with pytest.raises(jsonschema.ValidationError):
+        _ray_schema_check(broken)
+
+
+def test_run_sharded_in_process():
+    assert list(run_sharded(operator.neg, [1, 2, 3], ray_address=None)) == [(0, -1), (1, -2), (2, -3)]
