@@ -255,26 +255,40 @@ def _train_pending(augmented: Path, model, store_dir: Path, cfg: EncodeConfig, p
             if store is None:
                 store = AdapterStore.create_or_open(store_dir, spec, init_adapter=lambda: pool.call_first(
                     "init_adapter"))
-            n_pending = len(plan.pending_lines)
-            if pool.size > 1 and not explicit_shard_size:  # enough shards to keep every worker busy
-                shard_docs = max(1, min(shard_docs, -(-n_pending // (2 * pool.size))))
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=n_pending, desc="encode", unit="doc")
+                created = store
+            else:
+                created = None
             try:
-                shards = chunked(_pending_records(augmented, plan.pending_lines), shard_docs)
-                for _, (meta, train_seconds) in pool.map("encode_shard", shards):
-                    store.commit_shard(meta)
-                    summary.trained += len(meta.doc_ids)
-                    summary.shards_written += 1
-                    summary.train_seconds += train_seconds
-                    if bar is not None:
-                        bar.update(len(meta.doc_ids))
-            finally:
-                if bar is not None:
-                    bar.close()
+                _run_shards(pool, store, augmented, plan, shard_docs, explicit_shard_size, progress, summary)
+            except BaseException:
+                if created is not None:  # the caller never sees it: release the writer lock here
+                    created.close()
+                raise
         finally:
             pool.close()
     return store
+
+
+def _run_shards(pool: WorkerPool, store: AdapterStore, augmented: Path, plan: _Plan, shard_docs: int,
+                explicit_shard_size: bool, progress: bool, summary: EncodeSummary) -> None:
+    """Feed shards of pending records to the workers and commit each finished shard (single writer)."""
+    n_pending = len(plan.pending_lines)
+    if pool.size > 1 and not explicit_shard_size:  # enough shards to keep every worker busy
+        shard_docs = max(1, min(shard_docs, -(-n_pending // (2 * pool.size))))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_pending, desc="encode", unit="doc")
+    try:
+        shards = chunked(_pending_records(augmented, plan.pending_lines), shard_docs)
+        for _, (meta, train_seconds) in pool.map("encode_shard", shards):
+            store.commit_shard(meta)
+            summary.trained += len(meta.doc_ids)
+            summary.shards_written += 1
+            summary.train_seconds += train_seconds
+            if bar is not None:
+                bar.update(len(meta.doc_ids))
+    finally:
+        if bar is not None:
+            bar.close()

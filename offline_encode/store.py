@@ -53,9 +53,11 @@ SHARDS = "shards"
 LOCK = ".writer.lock"
 TENSOR = "adapters"
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Encode-config fields that do not change the trained values (batching is exact, see the trainer),
-# so a store may be resumed with other values of them.
-RUNTIME_ONLY_FIELDS = frozenset({"docs_per_step", "device", "loss_chunk_tokens", "compute_dtype"})
+# Encode-config fields that determine the trained values; the config hash covers only these (and the
+# prompt), so a store can be resumed with other runtime settings (docs_per_step, device, chunking:
+# batching is exact, see the trainer) and by code whose EncodeConfig gained runtime-only fields.
+TRAINING_FIELDS = ("rank", "alpha", "target_modules", "learning_rate", "epochs", "weight_decay", "init_seed",
+                   "with_cot", "storage_dtype")
 _MAX_OPEN_SHARDS = 256
 
 
@@ -280,7 +282,7 @@ class StoreSpec:
     augmentation: dict | None = None
 
     def config_hash(self) -> str:
-        return sha256_json({"encode": {k: v for k, v in self.encode_config.items() if k not in RUNTIME_ONLY_FIELDS},
+        return sha256_json({"encode": {k: self.encode_config.get(k) for k in TRAINING_FIELDS},
                             "prompt": self.prompt_config})
 
 
@@ -507,8 +509,7 @@ class AdapterStore:
             if spec.config_hash() != self.manifest["config_hash"]:
                 old = {**self.manifest["encode_config"], **{"prompt": self.manifest["prompt_config"]}}
                 new = {**spec.encode_config, **{"prompt": spec.prompt_config}}
-                diff = sorted(k for k in set(old) | set(new)
-                              if k not in RUNTIME_ONLY_FIELDS and old.get(k) != new.get(k))
+                diff = sorted(k for k in (*TRAINING_FIELDS, "prompt") if old.get(k) != new.get(k))
                 detail = ", ".join(f"{k}: store {old.get(k)!r} vs requested {new.get(k)!r}" for k in diff[:6])
                 raise StoreMismatchError(f"adapter store {self.path} was encoded with other settings ({detail}); "
                                          f"rerun with the same settings or use a new store directory")

@@ -304,24 +304,23 @@ def test_resume_after_sigkill(encoded, augmented_file, tiny_model_dir, tmp_path)
 
 
 def test_full_disk_leaves_a_consistent_store(encoded, augmented_file, tiny_model_dir, tmp_path):
-    """A write that fails midway (here: a file-size limit, EFBIG) is a clear error; the store stays usable."""
+    """A write that fails midway (here: a file-size limit, EFBIG, like ENOSPC) is a clear error; the store
+    stays consistent and the same call resumes once space is back."""
     import resource
 
     out = tmp_path / "store"
-    cmd = prag_cmd("encode", "--augmented", str(augmented_file), "--model", str(tiny_model_dir), "--out", str(out),
-                   "--docs-per-shard", "4", "--no-progress", *CFG_FLAGS)
-
-    def limit_file_size():  # init.safetensors (18 KB) fits, a 4-document shard (74 KB) does not
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
-
-    r = subprocess.run(cmd, env=dict(_env(), PYTHONDONTWRITEBYTECODE="1"), capture_output=True, text=True,
-                       timeout=300, preexec_fn=limit_file_size)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "file size limit reached" in r.stderr and "rerun the same command to resume" in r.stderr
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:  # init.safetensors (18 KB) fits, a 4-document shard (74 KB) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, hard))
+        with pytest.raises(PragError, match="file size limit reached.*rerun the same command to resume"):
+            encode_corpus(augmented_file, tiny_model_dir, out, CFG, progress=False, docs_per_shard=4)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
     with AdapterStore.open(out) as st:
-        assert len(st) == 0
+        assert len(st) == 0 and st.verify() == []
     assert list((out / "shards").iterdir()) == []  # no partial shard file left behind
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    s = encode_corpus(augmented_file, tiny_model_dir, out, CFG, progress=False, docs_per_shard=4)
+    assert s.trained == N_GOOD
     assert_same_store(out, encoded[0])
