@@ -58,6 +58,9 @@ class DemoConfig:
     top_k: int = 3
     max_model_len: int = 1024
     kv_cache_gib: float | None = 1.0
+    # torch threads for the in-process stages (pre-training, encoding). The tiny model's matrices are
+    # too small to gain from a second thread, and on a busy machine two threads are several times slower.
+    torch_threads: int | None = 1
     corpus: str = str(DEMO_CORPUS)
     questions: str = str(DEMO_QUESTIONS)
     pretrain_data: str = str(PRETRAIN)
@@ -157,6 +160,10 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
     from retrieval.manifest import MANIFEST_FILE
 
     cfg = cfg or DemoConfig()
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fixture, model = out / "fixture", out / "model"

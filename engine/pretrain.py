@@ -48,14 +48,20 @@ class PretrainConfig:
             raise PragError("mix_augmented and mix_passage must be >= 0 and sum to at most 1")
 
 
+Triple = tuple[str, "list[str] | None", str]  # (question, passages or None, answer)
+
+
 @dataclass
 class PretrainExamples:
-    """Token-id pools the sampler draws from, one list per document."""
+    """(question, passages, answer) pools the sampler draws from, one list per document.
 
-    augmented: list[list[list[int]]]
-    passage: list[list[list[int]]]
-    closed: list[list[list[int]]]
+    Examples are tokenised lazily (and memoised) because chat-templating every possible example
+    up front costs more than the few thousand a short pre-training actually draws.
+    """
 
+    augmented: list[list[Triple]]
+    passage: list[list[Triple]]
+    closed: list[list[Triple]]
 
 def read_pretrain_records(path: str | Path, max_docs: int | None = None) -> list[dict]:
     """Records ``{id, title, text, rewrite?, qa: [{question, answer}]}`` (engine/data/pretrain.jsonl)."""
@@ -72,28 +78,41 @@ def read_pretrain_records(path: str | Path, max_docs: int | None = None) -> list
     return out
 
 
-def build_examples(tokenizer, records: Sequence[dict], n_qa: int = 7) -> PretrainExamples:
-    """Tokenise the three example pools with the project's own augmenter and prompt builder."""
+def build_examples(records: Sequence[dict], n_qa: int = 7) -> PretrainExamples:
+    """The three example pools, built with the project's own augmenter and training-data recipe."""
     from offline_encode.augment.rule import RuleAugmenter, RuleAugmenterConfig
-    from offline_encode.training_data import build_training_sequences, skip_reason
+    from offline_encode.training_data import skip_reason, training_texts
     from retrieval.corpus import Document
 
     augmenter = RuleAugmenter(RuleAugmenterConfig(n_qa=n_qa))
     docs = [Document(id=r["id"], text=r["text"], title=r.get("title") or "") for r in records]
-    augmented = []
-    for record in augmenter.augment_documents(docs):
-        augmented.append([] if skip_reason(record) else build_training_sequences(tokenizer, record))
+    augmented = [[] if skip_reason(rec) else training_texts(rec) for rec in augmenter.augment_documents(docs)]
     passage, closed = [], []
     for r in records:
         contexts = [r["text"]] + ([r["rewrite"]] if r.get("rewrite") else [])
-        passage.append([build_prompt_ids(tokenizer, qa["question"], [c], qa["answer"])
-                        for qa in r["qa"] for c in contexts])
-        closed.append([build_prompt_ids(tokenizer, qa["question"], None, qa["answer"]) for qa in r["qa"]])
+        passage.append([(qa["question"], [c], qa["answer"]) for qa in r["qa"] for c in contexts])
+        closed.append([(qa["question"], None, qa["answer"]) for qa in r["qa"]])
     return PretrainExamples(augmented, passage, closed)
 
 
-def sample_batch(pools: PretrainExamples, cfg: PretrainConfig, rng: random.Random) -> list[list[int]]:
-    """``batch_size`` sequences: a random document, then a pool chosen by the mix."""
+class Tokenised:
+    """Memoised ``build_prompt_ids`` (the inference prompt format) for triples."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[tuple, list[int]] = {}
+
+    def __call__(self, triple: Triple) -> list[int]:
+        question, passages, answer = triple
+        key = (question, tuple(passages) if passages else None, answer)
+        ids = self.cache.get(key)
+        if ids is None:
+            ids = self.cache[key] = build_prompt_ids(self.tokenizer, question, passages, answer)
+        return ids
+
+
+def sample_batch(pools: PretrainExamples, cfg: PretrainConfig, rng: random.Random) -> list[Triple]:
+    """``batch_size`` examples: a random document, then a pool chosen by the mix."""
     batch = []
     n = len(pools.closed)
     while len(batch) < cfg.batch_size:
@@ -130,7 +149,8 @@ def pretrain(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     records = read_pretrain_records(data, cfg.max_docs)
     t0 = time.perf_counter()
-    pools = build_examples(tokenizer, records, cfg.n_qa)
+    pools = build_examples(records, cfg.n_qa)
+    tokenise = Tokenised(tokenizer)
     prep_s = time.perf_counter() - t0
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -144,7 +164,7 @@ def pretrain(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: 
     bar = tqdm(range(cfg.steps), desc="pre-train", unit="step", disable=not progress, dynamic_ncols=True)
     t1 = time.perf_counter()
     for _ in bar:
-        batch = sample_batch(pools, cfg, rng)
+        batch = [tokenise(t) for t in sample_batch(pools, cfg, rng)]
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
