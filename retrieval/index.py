@@ -184,10 +184,14 @@ def _embed_rows(store: DocStore, rows: np.ndarray, embedder: Embedder, chunk: in
     return np.concatenate(parts)
 
 
-def _embed_chunk(embedder: Embedder, docs: list, bar) -> np.ndarray:
-    vecs = embedder.encode([passage_text(d.title, d.text) for d in docs])
-    bar.update(len(docs))
-    return vecs
+def _embed_chunk(embedder: Embedder, docs: list, bar, step: int = 512) -> np.ndarray:
+    """Embed one chunk, moving the progress bar every ``step`` passages."""
+    parts = []
+    for i in range(0, len(docs), step):
+        part = docs[i:i + step]
+        parts.append(embedder.encode([passage_text(d.title, d.text) for d in part]))
+        bar.update(len(part))
+    return np.concatenate(parts)
 
 
 def _build_bm25(store: DocStore, out: Path, chunk: int, progress: bool = True) -> None:
