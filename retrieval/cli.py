@@ -51,7 +51,9 @@ def register(sub) -> None:
                    help="flat: exact (default); hnsw: graph, fast approximate; ivf: inverted lists trained on a "
                         "sample, for big corpora")
     b.add_argument("--out", required=True, metavar="INDEX_DIR", help="index directory to create or replace")
-    b.add_argument("--bm25", action="store_true", help="also build a BM25 index (enables --method bm25|hybrid)")
+    b.add_argument("--bm25", action="store_true",
+                   help="also build a BM25 index (enables --method bm25|hybrid; holds the corpus tokens in RAM "
+                        "while building)")
     b.add_argument("--batch-size", type=int, default=64, help="texts per embedder forward pass (default 64)")
     b.add_argument("--chunk-size", type=int, default=4096,
                    help="passages embedded and added per step; bounds memory (default 4096)")
