@@ -28,12 +28,16 @@ def _doc_text(i: int) -> str:
 def setup(tmp_path_factory, tiny_model_dir, shared_llm):
     from engine.engine import Engine, EngineConfig
     from engine.random_store import build_random_store
+    from retrieval.index import build_index
 
     root = tmp_path_factory.mktemp("engine")
     doc_ids = [f"doc{i}" for i in range(3 * N_Q + 3)]
     store = build_random_store(root / "store", tiny_model_dir, doc_ids, seed=7)
     docs = {d: _doc_text(i) for i, d in enumerate(doc_ids)}
-    engine = Engine(tiny_model_dir, store=store, llm=shared_llm, documents=docs,
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d, "text": t}) + "\n" for d, t in docs.items()))
+    build_index(corpus, root / "index", progress=False)
+    engine = Engine(tiny_model_dir, index=root / "index", store=store, llm=shared_llm,
                     config=EngineConfig(prepare_threads=4))
     # question i gets its own 3 documents, in a scrambled order for odd i
     sets = [[f"doc{3 * i}", f"doc{3 * i + 1}", f"doc{3 * i + 2}"] for i in range(N_Q)]
@@ -112,8 +116,12 @@ def test_bad_input_per_question_and_per_call(setup):
         engine.generate(qs[:1], mode="prag", top_k=300, doc_ids=ids[:1])
     with pytest.raises(PragError, match="exceeds the engine's max_lora_rank 8"):
         engine.generate(qs[:1], mode="prag", top_k=5, doc_ids=ids[:1])
+    from engine.engine import Engine
+
+    no_index = Engine(engine.model, store=setup["store"], llm=engine.llm, tokenizer=engine.tokenizer)
     with pytest.raises(PragError, match="needs an index"):
-        engine.generate(qs[:1], mode="rag")
+        no_index.generate(qs[:1], mode="rag")
+    no_index.close()
     with pytest.raises(PragError, match="doc_ids has 1 entries for 4 questions"):
         engine.generate(qs, mode="prag", doc_ids=ids[:1])
     too_many = engine.generate(qs[:1], mode="prag", doc_ids=[sets[0] + sets[1]])  # 6 docs x r2 > 8
@@ -155,8 +163,9 @@ def test_store_for_another_base_model_is_refused(setup, tmp_path):
 
 def test_evaluate_writes_results_and_resumes(setup, tmp_path):
     from engine.evaluate import PREDICTIONS, EvalConfig, evaluate
+    from engine.scoring import extract_answer, score
 
-    engine, sets = setup["engine"], setup["sets"]
+    engine = setup["engine"]
     data = tmp_path / "q.jsonl"
     rows = [{"id": f"q{i}", "question": q, "answer": ["Varn", f"Olm{i}"], "type": "even" if i % 2 == 0 else "odd"}
             for i, q in enumerate(QUESTIONS[:4])]
@@ -164,18 +173,10 @@ def test_evaluate_writes_results_and_resumes(setup, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "eval"
 
-    # a tiny stand-in for retrieval: doc ids come from a mapping, via the engine's doc_ids override
-    class Oracle:
-        def search(self, questions, k, method="dense"):
-            return [[(d, 1.0 - j / 10) for j, d in enumerate(sets[QUESTIONS.index(q)][:k])] for q in questions]
-
-        def fetch(self, ids):
-            raise AssertionError("documents come from the mapping")
-
-    engine.retriever = Oracle()
     try:
-        cfg = EvalConfig(dataset="generic", data=str(data), out=str(out), modes=["none", "prag"], index=str(tmp_path),
-                         store=str(tmp_path), batch_size=2, progress=False)
+        cfg = EvalConfig(dataset="generic", data=str(data), out=str(out), modes=["none", "prag"],
+                         index=str(setup["root"] / "index"), store=str(setup["root"] / "store"), batch_size=2,
+                         progress=False)
         res = evaluate(cfg, engine=engine)
         lines = (out / PREDICTIONS).read_text().splitlines()
         assert len(lines) == 10
@@ -185,8 +186,17 @@ def test_evaluate_writes_results_and_resumes(setup, tmp_path):
                     "text", "prediction", "em", "f1"):
             assert key in first
         assert [r["error"] for r in recs if r["id"] == "q-empty"] == ["empty question"] * 2
-        prag = [r for r in recs if r["mode"] == "prag" and r["id"] == "q1"][0]
-        assert prag["doc_ids"] == sets[1] and prag["scores"] == pytest.approx([1.0, 0.9, 0.8])
+        for r in recs:
+            if r["mode"] == "prag" and r["id"] != "q-empty":  # real dense retrieval: top-3, best first
+                assert len(r["doc_ids"]) == 3 and set(r["doc_ids"]) <= set(setup["docs"])
+                assert r["scores"] == sorted(r["scores"], reverse=True) and r["lora_name"]
+                assert r["prompt"].endswith("<|assistant|>\nThe answer is") and "Passage" not in r["prompt"]
+            if r["mode"] == "none":
+                assert r["doc_ids"] == [] and "lora_name" not in r
+            if "error" not in r:
+                assert r["prediction"] == extract_answer(r["text"])
+                assert (r["em"], r["f1"]) == (score(r["prediction"], r["answers"]).em,
+                                              score(r["prediction"], r["answers"]).f1)
         assert set(res) == {"none", "prag"} and res["prag"]["n"] == 5 and res["prag"]["errors"] == 1
         assert set(res["prag"]["by_type"]) == {"even", "odd"} and res["prag"]["by_type"]["odd"]["n"] == 3
         assert res["none"]["questions_per_s"] > 0 and res["none"]["tokens_per_s"] > 0
@@ -210,4 +220,3 @@ def test_evaluate_writes_results_and_resumes(setup, tmp_path):
             evaluate(cfg, engine=engine)
     finally:
         engine.config.top_k = 3
-        engine.retriever = None
