@@ -26,6 +26,7 @@ class EncodeConfig:
     storage_dtype: str = "float32"  # float32 | bfloat16 | float16
     init_seed: int = 42  # seed of the one shared initial adapter
     loss_chunk_tokens: int = 1024  # logits are materialised this many positions at a time
+    max_padding: float = 0.2  # a step's rows are split into micro-batches that pad at most this fraction
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     with_cot: bool = False  # train on full_answer (chain-of-thought answers) instead of answer
 

@@ -8,8 +8,10 @@ and AdamW is element-wise, so each document follows the trajectory of training i
 (``tests/test_trainer.py`` checks this against a plain PEFT loop).
 
 Why it is fast. No padding to a fixed length: documents are sorted by (number of steps, total tokens)
-before being grouped, and each step pads only to its longest row (right padding, so no attention mask
-is needed). Documents within a group are ordered by number of steps, so the documents still training
+before being grouped (so pass many more documents than ``docs_per_step`` to ``train`` for good
+buckets), a step's rows are split into contiguous micro-batches that pad at most ``max_padding`` of
+their tokens, and each micro-batch pads only to its own longest row (right padding, so no attention
+mask is needed). Documents within a group are ordered by number of steps, so the documents still training
 at step s are always a prefix of the group: the step uses the views ``A[:k]``, never an index gather.
 Logits and cross-entropy are computed ``loss_chunk_tokens`` positions at a time under activation
 checkpointing, so a 128k vocabulary never materialises more than one chunk of logits.
@@ -134,6 +136,24 @@ def load_base_model(path: str | Path, device: torch.device, dtype: torch.dtype):
     return model, tokenizer
 
 
+def split_by_padding(lengths: Sequence[int], max_padding: float) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` runs of rows whose padding to the run's longest row stays within
+    ``max_padding`` (fraction of padded tokens). Rows arrive roughly longest first, so a few runs suffice;
+    contiguous runs keep the adapters as views (``A[start:end]``), never a gather.
+    """
+    runs: list[tuple[int, int]] = []
+    start, longest, real = 0, 0, 0
+    for j, length in enumerate(lengths):
+        new_longest = max(longest, length)
+        if j > start and 1 - (real + length) / ((j - start + 1) * new_longest) > max_padding:
+            runs.append((start, j))
+            start, longest, real = j, length, length
+        else:
+            longest, real = new_longest, real + length
+    runs.append((start, len(lengths)))
+    return runs
+
+
 @dataclass
 class TrainStats:
     """What the last ``train`` call did; ``padding_fraction`` is pad tokens / tokens processed."""
@@ -157,11 +177,12 @@ class TrainStats:
 
 @dataclass
 class _Active:
-    """The adapters of the group being trained and how many of its rows are in the current step."""
+    """The adapters of the group being trained and the rows ``[lo, hi)`` of the current micro-batch."""
 
     a: dict[str, Tensor]
     b: dict[str, Tensor]
-    k: int = 0
+    lo: int = 0
+    hi: int = 0
 
 
 class BatchedLoraTrainer:
@@ -204,8 +225,8 @@ class BatchedLoraTrainer:
                 return None
             x = args[0]
             a, b = active.a[name], active.b[name]
-            if active.k < a.shape[0]:
-                a, b = a[: active.k], b[: active.k]
+            if active.hi - active.lo < a.shape[0]:
+                a, b = a[active.lo: active.hi], b[active.lo: active.hi]
             a, b = a.to(x.dtype), b.to(x.dtype)
             return add_batched_lora(output, x, a, b, scaling)
 
@@ -270,9 +291,15 @@ class BatchedLoraTrainer:
         try:
             for step in range(len(examples[0])):
                 k = sum(1 for ex in examples if len(ex) > step)  # a prefix, because of the sort
-                self._active.k = k
-                loss = self._loss([examples[i][step] for i in range(k)], stats)
-                loss.backward()
+                rows = [examples[i][step] for i in range(k)]
+                step_loss = None
+                # Gradients of different documents never mix, so a step may run as several micro-batches
+                # (to avoid padding short rows to a long one) and still take one exact AdamW step.
+                for lo, hi in split_by_padding([len(r) for r in rows], cfg.max_padding):
+                    self._active.lo, self._active.hi = lo, hi
+                    loss = self._loss(rows[lo:hi], stats)
+                    loss.backward()
+                    step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 with torch.no_grad():
                     rows = slice(0, k)  # the documents still training: a prefix, so views, no gather
                     adamw_update_([p[rows] for p in params], [p.grad[rows] for p in params],
@@ -281,7 +308,7 @@ class BatchedLoraTrainer:
                 for p in params:
                     p.grad = None
                 stats.steps += 1
-                losses.append(loss.detach())
+                losses.append(step_loss)
         finally:
             self._active = None
         stats.losses.extend(torch.stack(losses).tolist() if losses else [])  # one device sync per group

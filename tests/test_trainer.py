@@ -17,7 +17,7 @@ import torch
 from offline_encode.config import EncodeConfig, lora_key
 from offline_encode.lora_math import adamw_update_
 from offline_encode.reference import train_reference
-from offline_encode.trainer import BatchedLoraTrainer, make_init_adapter, target_module_names
+from offline_encode.trainer import BatchedLoraTrainer, make_init_adapter, split_by_padding, target_module_names
 from offline_encode.training_data import build_training_sequences, skip_reason
 from prag.errors import PragError
 from prag.prompt import build_prompt_ids
@@ -148,6 +148,16 @@ def test_adamw_on_prefix_rows_equals_torch_adamw_per_row():
         torch.testing.assert_close(p[row], q.detach(), atol=0, rtol=1e-6)
 
 
+def test_split_by_padding_bounds_each_runs_padding():
+    lengths = [300, 290, 280, 120, 110, 100, 40]
+    runs = split_by_padding(lengths, 0.2)
+    assert runs == [(0, 4), (4, 6), (6, 7)]  # 300,290,280,120 pads 17.5%
+    for lo, hi in runs:
+        assert 1 - sum(lengths[lo:hi]) / ((hi - lo) * max(lengths[lo:hi])) <= 0.2
+    assert split_by_padding(lengths, 1.0) == [(0, 7)]
+    assert split_by_padding([5, 5, 5], 0.0) == [(0, 3)]
+
+
 # ----------------------------------------------------------------------------- init and targets
 def test_init_adapter_is_pefts_init_and_leaves_global_rng_alone(tiny_model_dir, trainer):
     from peft import LoraConfig, get_peft_model
@@ -193,14 +203,17 @@ def test_batched_trainer_matches_the_papers_peft_loop(batched, reference, traine
     assert 0 <= stats.padding_fraction < 0.5
 
 
-def test_documents_per_step_and_loss_chunking_do_not_change_the_result(tiny_model_dir, trainer, sequences,
-                                                                        batched):
-    single = BatchedLoraTrainer(trainer.model, replace(CFG, docs_per_step=1, loss_chunk_tokens=16),
-                                init_adapter=trainer.init_adapter)
+@pytest.mark.parametrize("change", [dict(docs_per_step=1, loss_chunk_tokens=16),
+                                    dict(docs_per_step=5, max_padding=0.0)],
+                         ids=["one-doc-per-step,chunked-loss", "all-docs,micro-batch-per-row"])
+def test_batching_and_chunking_do_not_change_the_result(trainer, sequences, batched, change):
+    other = BatchedLoraTrainer(trainer.model, replace(CFG, **change), init_adapter=trainer.init_adapter)
     try:
-        assert_adapters_close(single.train(sequences), batched)
+        assert_adapters_close(other.train(sequences), batched)
+        if change.get("max_padding") == 0.0:
+            assert other.last_stats.padded_tokens == 0
     finally:
-        single.close()
+        other.close()
 
 
 def test_reference_padded_like_the_paper_matches_unpadded(tiny_model_dir, trainer, sequences, reference):
