@@ -89,6 +89,36 @@ def probe_address(address: str, timeout_s: float = 5.0) -> None:
     except OSError as exc:
         raise PragError(f"cannot reach the Ray cluster at --ray-address {address!r} ({host}:{port}: "
                         f"{exc.strerror or exc}); is it running (`ray status`) and is the port reachable?") from None
+    _handshake(address, host, port, timeout_s)
+
+
+def _handshake(address: str, host: str, port: int, timeout_s: float) -> None:
+    """One Ray RPC with a deadline: something else listening on the port (a proxy, another service)
+    would otherwise make ``ray.init`` retry for half a minute or more."""
+    import grpc
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        if address.startswith("ray://"):
+            from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(
+                ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=timeout_s)
+        else:
+            from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+    except grpc.RpcError as exc:
+        # A Ray server with token authentication answers, but refuses us: it is there; ray.init authenticates.
+        if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            what = "Ray client server" if address.startswith("ray://") else "Ray cluster (GCS)"
+            raise PragError(f"cannot reach the Ray cluster at --ray-address {address!r}: {host}:{port} answered, "
+                            f"but not as a {what} ({exc.code().name}: {(exc.details() or '')[:120]}); "
+                            f"check the address and port (GCS default {_GCS_PORT}, "
+                            f"ray:// client default {_CLIENT_PORT})") from None
+    finally:
+        channel.close()
 
 
 @contextlib.contextmanager

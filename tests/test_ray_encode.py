@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from offline_encode.encode import encode_corpus
-from offline_encode.ray_jobs import LOCAL, RayOptions, WorkerPool, plan_actors, ray_session, run_sharded
+from offline_encode.ray_jobs import (LOCAL, RayOptions, WorkerPool, plan_actors, probe_address, ray_session,
+                                     run_sharded)
 from prag.errors import PragError
 from prag.prompt import PromptConfig
 from test_encode import CFG, N_GOOD, assert_same_store, cached_augmented_file, cached_reference_store
@@ -40,6 +41,7 @@ def test_local_cluster_matches_single_process(encoded, augmented_file, tiny_mode
     opts = RayOptions(address=LOCAL, num_cpus=2, cpus_per_actor=1)
     with ray_session(opts):
         assert ray.cluster_resources()["CPU"] == 2
+        probe_address(ray.get_runtime_context().gcs_address)  # a real GCS passes the fail-fast handshake
         summary = encode_corpus(augmented_file, tiny_model_dir, out, CFG, ray_address=LOCAL, ray_opts=opts,
                                 progress=False, docs_per_shard=3)
         # the generic helper on the same cluster: results by index, whatever the completion order
