@@ -67,6 +67,27 @@ def test_unreachable_address_fails_fast(address, augmented_file, tiny_model_dir,
     assert time.monotonic() - start < 15
 
 
+def test_a_non_ray_listener_fails_fast():
+    """Something else on the port (here an HTTP server) must not send ray.init into minutes of retries."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(PragError, match="answered, but not as a Ray cluster"):
+            with ray_session(RayOptions(address=f"127.0.0.1:{srv.server_port}", connect_timeout_s=3)):
+                pass
+        assert time.monotonic() - start < 15
+    finally:
+        srv.shutdown()
+
+
 def test_auto_resolves_ray_address_and_fails_fast(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # what `ray job submit` sets; here nothing listens
     start = time.monotonic()
