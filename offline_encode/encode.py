@@ -88,8 +88,8 @@ def record_skip_reason(record: dict) -> str | None:
 
     if _doc_id(record) is None:
         return "missing or empty 'doc_id'"
-    if record.get("error"):
-        return "augmentation failed for this document ('error' set)"
+    if record.get("error"):  # the augmenters' reasons are short categories (no_extractable_facts, ...)
+        return f"augmentation failed ({str(record['error'])[:60]})"
     return skip_reason(record)
 
 

@@ -149,7 +149,7 @@ def test_summary_counts_and_skip_reasons(encoded):
     out, s = encoded
     assert (s.records, s.trained, s.already_encoded, s.docs_in_store) == (N_GOOD + len(BAD), N_GOOD, 0, N_GOOD)
     assert s.skipped == {"no QA pairs ('qa' missing or empty)": 1,
-                         "augmentation failed for this document ('error' set)": 1,
+                         "augmentation failed (invalid JSON)": 1,
                          "missing or empty 'passage'": 1,
                          "duplicate doc_id (the first occurrence is used)": 1}
     assert s.skipped_examples["missing or empty 'passage'"] == ["line 6 doc_id 'no-passage'"]
