@@ -281,14 +281,17 @@ def _count_docs(index: Path) -> int:
 def test_resume_after_sigkill(encoded, augmented_file, tiny_model_dir, tmp_path):
     out = tmp_path / "store"
     cmd = prag_cmd("encode", "--augmented", str(augmented_file), "--model", str(tiny_model_dir), "--out", str(out),
-                   "--docs-per-shard", "2", "--no-progress", *CFG_FLAGS)
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while _count_docs(out / "index.sqlite") < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
+                   "--docs-per-shard", "1", "--no-progress", *CFG_FLAGS)
+    log = tmp_path / "killed-run.log"
+    with open(log, "w") as fh:  # a file, not a pipe: a full pipe could stall the child
+        proc = subprocess.Popen(cmd, env=_env(), stdout=fh, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        # one document per shard (= per commit): after the second commit eight remain, so the kill lands midway
+        while _count_docs(out / "index.sqlite") < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     partial = _count_docs(out / "index.sqlite")
     assert 2 <= partial < N_GOOD, f"the run was not killed partway ({partial} docs)"
 
