@@ -173,11 +173,15 @@ def _append(path: Path, records: Sequence[dict]) -> None:
 def _run_identity(cfg: EvalConfig, engine: Engine) -> dict:
     """Settings that change answers: a resumed run must match them."""
     ec = engine.config
+
+    def where(p) -> str | None:  # relative and absolute spellings of one path must match on resume
+        return str(Path(p).resolve()) if p else None
+
+    model = cfg.model or engine.model
     return {
-        "model": str(cfg.model or engine.model), "index": str(cfg.index) if cfg.index else None,
-        "store": str(cfg.store) if cfg.store else None,
-        "store_version": engine.store.version if engine.store is not None else None,
-        "dataset": cfg.dataset, "data": str(cfg.data), "top_k": ec.top_k,
+        "model": where(model) if Path(model).exists() else str(model), "index": where(cfg.index),
+        "store": where(cfg.store), "store_version": engine.store.version if engine.store is not None else None,
+        "dataset": resolve_dataset_name(cfg.dataset), "data": where(cfg.data), "top_k": ec.top_k,
         "max_new_tokens": engine.max_new_tokens, "chain_of_thought": engine.prompt_cfg.chain_of_thought,
         "prompt": {"user_template": engine.prompt_cfg.user_template,
                    "assistant_prefix": engine.prompt_cfg.assistant_prefix,
