@@ -14,8 +14,12 @@ job per distinct document set) while the main thread retrieves passages and toke
 Requests are then *enqueued* into vLLM as soon as their adapter is ready (``LLM.enqueue``): the
 engine core runs in its own process, so it starts decoding the first requests while later
 adapters are still being merged, and new requests join the running batch at the next step.
-One ``wait_for_completion`` collects everything. Repeated document sets hit the merged-adapter
+One ``wait_for_completion`` collects everything (a vLLM without ``enqueue`` gets one ``generate``
+call with a per-prompt ``lora_request`` list instead). Repeated document sets hit the merged-adapter
 cache (stable ``lora_name``/``lora_int_id``) and therefore vLLM's own adapter cache too.
+
+The merge order inside an adapter is the sorted doc-id order (the cache key), so the same set
+retrieved in another order reuses the adapter; the delta is a sum, so order does not change it.
 """
 
 from __future__ import annotations
