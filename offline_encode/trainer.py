@@ -224,6 +224,9 @@ class BatchedLoraTrainer:
             if active is None:  # outside train(): the base model is untouched
                 return None
             x = args[0]
+            if x.dim() != 3 or x.shape[0] != active.hi - active.lo:
+                raise PragError(f"{name}: expected a [rows, tokens, features] input with "
+                                f"{active.hi - active.lo} rows, got shape {list(x.shape)}")
             a, b = active.a[name], active.b[name]
             if active.hi - active.lo < a.shape[0]:
                 a, b = a[active.lo: active.hi], b[active.lo: active.hi]
@@ -301,9 +304,9 @@ class BatchedLoraTrainer:
                     loss.backward()
                     step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 with torch.no_grad():
-                    rows = slice(0, k)  # the documents still training: a prefix, so views, no gather
-                    adamw_update_([p[rows] for p in params], [p.grad[rows] for p in params],
-                                  [m[rows] for m in exp_avgs], [v[rows] for v in exp_avg_sqs], step + 1,
+                    live = slice(0, k)  # the documents still training: a prefix, so views, no gather
+                    adamw_update_([p[live] for p in params], [p.grad[live] for p in params],
+                                  [m[live] for m in exp_avgs], [v[live] for v in exp_avg_sqs], step + 1,
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
                 for p in params:
                     p.grad = None
@@ -312,14 +315,11 @@ class BatchedLoraTrainer:
         finally:
             self._active = None
         stats.losses.extend(torch.stack(losses).tolist() if losses else [])  # one device sync per group
-        out: list[Adapter] = []
-        for i in range(n):
-            adapter: Adapter = {}
-            for m in self.module_names:
-                adapter[lora_key(m, "A")] = a[m][i].detach().to("cpu", torch.float32).clone()
-                adapter[lora_key(m, "B")] = b[m][i].detach().to("cpu", torch.float32).clone()
-            out.append(adapter)
-        return out
+        host = {}  # one device-to-host copy per stacked tensor, not one per document
+        for m in self.module_names:
+            host[lora_key(m, "A")] = a[m].detach().to("cpu", torch.float32)
+            host[lora_key(m, "B")] = b[m].detach().to("cpu", torch.float32)
+        return [{key: t[i].clone() for key, t in host.items()} for i in range(n)]
 
     def _loss(self, rows: list[list[int]], stats: TrainStats) -> Tensor:
         """``sum_rows mean_tokens(CE)`` over right-padded rows, logits computed chunk by chunk.
