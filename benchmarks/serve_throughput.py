@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> dict:
     _env()
     from engine.engine import Engine, EngineConfig
     from engine.random_store import build_random_store
+    from offline_encode.store import StoreMismatchError
     from prag.fixture_model import parameter_count
     from prag.io import atomic_write_json, atomic_write_text
     from retrieval.retriever import Retriever
@@ -184,7 +185,14 @@ def run(args: argparse.Namespace) -> dict:
     hits = retriever.search([q["question"] for q in questions], args.top_k)
     retrieval_qps = len(questions) / (time.perf_counter() - t0)
     doc_ids = [[d for d, _ in h] for h in hits]
-    store = build_random_store(work / f"store-{args.size}", model, sorted({d for ids in doc_ids for d in ids}))
+    store_dir, needed = work / f"store-{args.size}", sorted({d for ids in doc_ids for d in ids})
+    try:
+        store = build_random_store(store_dir, model, needed)
+    except StoreMismatchError:  # a cached store from an older model or store format: rebuild it
+        import shutil
+
+        shutil.rmtree(store_dir)
+        store = build_random_store(store_dir, model, needed)
     docs = {d["id"]: d["text"] for d in corpus}
 
     tq, td = [q["question"] for q in timed], doc_ids[:args.n]
