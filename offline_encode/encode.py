@@ -12,6 +12,7 @@ document is complete. Rerunning the same command skips committed documents.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -153,6 +154,8 @@ class EncodeWorker:
         self.model, self.cfg, self.store_dir, self.prompt_cfg = model, cfg, Path(store_dir), prompt_cfg
         self._trainer = None
         self._layout: Layout | None = None
+        # Two calls may run at once (WorkerPool concurrency 2): one trains while the other writes its shard.
+        self._train_lock = threading.Lock()
 
     def _get_trainer(self):
         if self._trainer is None:
@@ -170,20 +173,24 @@ class EncodeWorker:
 
     def init_adapter(self) -> dict:
         """The shared initial adapter (made from ``cfg.init_seed``); called once to create the store."""
-        return self._get_trainer().init_adapter
+        with self._train_lock:
+            return self._get_trainer().init_adapter
 
     def encode_shard(self, records: list[dict]) -> tuple[ShardMeta, float]:
+        """Train a shard's documents and write its shard file (not committed: the driver does that)."""
         from offline_encode.training_data import build_training_sequences
 
-        trainer = self._get_trainer()
-        if self._layout is None:
-            manifest = read_json(self.store_dir / "manifest.json", "adapter store manifest")
-            self._layout = Layout.from_json(manifest["layout"])
-        docs = [build_training_sequences(trainer.tokenizer, r, self.prompt_cfg, self.cfg.with_cot) for r in records]
-        start = time.perf_counter()
-        adapters = trainer.train(docs)
-        seconds = time.perf_counter() - start
-        meta = write_shard_file(self.store_dir, self._layout, self.cfg.storage_dtype,
+        with self._train_lock:
+            trainer = self._get_trainer()
+            if self._layout is None:
+                manifest = read_json(self.store_dir / "manifest.json", "adapter store manifest")
+                self._layout = Layout.from_json(manifest["layout"])
+            docs = [build_training_sequences(trainer.tokenizer, r, self.prompt_cfg, self.cfg.with_cot)
+                    for r in records]
+            start = time.perf_counter()
+            adapters = trainer.train(docs)
+            seconds = time.perf_counter() - start
+        meta = write_shard_file(self.store_dir, self._layout, self.cfg.storage_dtype,  # overlaps the next train
                                 [r["doc_id"] for r in records], adapters)
         return meta, seconds
 
@@ -249,7 +256,7 @@ def _train_pending(augmented: Path, model, store_dir: Path, cfg: EncodeConfig, p
         if opts.address != ray_address:
             opts = RayOptions(**{**asdict(opts), "address": ray_address})
     with ray_session(opts) if opts is not None else contextlib.nullcontext():
-        pool = WorkerPool(EncodeWorker, (str(model), cfg, str(store_dir), prompt_cfg), ray_opts=opts)
+        pool = WorkerPool(EncodeWorker, (str(model), cfg, str(store_dir), prompt_cfg), ray_opts=opts, concurrency=2)
         try:
             summary.workers = pool.size
             if store is None:

@@ -178,17 +178,20 @@ class WorkerPool:
     """
 
     def __init__(self, worker_cls: type, args: tuple = (), kwargs: dict | None = None,
-                 ray_opts: RayOptions | None = None):
+                 ray_opts: RayOptions | None = None, concurrency: int = 1):
+        """``concurrency`` > 1 lets one worker run that many calls at once (threads; the worker must be
+        thread-safe), e.g. to write one shard while training the next."""
         kwargs = kwargs or {}
         self._local = None
         self._actors: list[Any] = []
+        self.concurrency = max(1, concurrency)
         if ray_opts is None:
             self._local = worker_cls(*args, **kwargs)
             return
         import ray
 
         n, cpu_each, gpu_each = plan_actors(ray_opts, ray.cluster_resources())
-        remote_cls = ray.remote(num_cpus=cpu_each, num_gpus=gpu_each)(worker_cls)
+        remote_cls = ray.remote(num_cpus=cpu_each, num_gpus=gpu_each, max_concurrency=self.concurrency)(worker_cls)
         self._actors = [remote_cls.remote(*args, **kwargs) for _ in range(n)]
         self.plan = (n, cpu_each, gpu_each)
 
@@ -208,13 +211,11 @@ class WorkerPool:
 
     def map(self, method: str, items: Iterable[Any], in_flight_per_worker: int = 2) -> Iterator[tuple[int, Any]]:
         if self._local is not None:
-            fn = getattr(self._local, method)
-            for i, item in enumerate(items):
-                yield i, fn(item)
+            yield from self._map_local(getattr(self._local, method), items)
             return
         import ray
 
-        free = deque(self._actors * in_flight_per_worker)
+        free = deque(self._actors * max(in_flight_per_worker, self.concurrency))
         pending: dict[Any, tuple[int, Any]] = {}
         source = enumerate(items)
         try:
@@ -238,6 +239,28 @@ class WorkerPool:
         finally:
             for ref in pending:
                 ray.cancel(ref, force=False)
+
+    def _map_local(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+        if self.concurrency == 1:
+            for i, item in enumerate(items):
+                yield i, fn(item)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            pending: deque = deque()
+            try:
+                for i, item in enumerate(items):
+                    pending.append((i, pool.submit(fn, item)))
+                    if len(pending) >= self.concurrency:
+                        index, fut = pending.popleft()
+                        yield index, fut.result()
+                while pending:
+                    index, fut = pending.popleft()
+                    yield index, fut.result()
+            finally:
+                for _, fut in pending:
+                    fut.cancel()
 
     def close(self) -> None:
         if self._actors:
