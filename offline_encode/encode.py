@@ -233,7 +233,7 @@ def encode_corpus(augmented_path: str | Path, model: str | Path, store_dir: str 
         spec.augmentation = {"path": str(augmented.resolve()), "sha256": sha256_file(augmented),
                              "augmenter": sorted(plan.augmenters), "model": sorted(plan.models)}
         if store is not None:
-            store._record_augmentation(spec.augmentation)
+            store.record_augmentation(spec.augmentation)
         if plan.pending_lines:
             store = _train_pending(augmented, model, store_dir, cfg, prompt_cfg, spec, store, plan, shard_docs,
                                    docs_per_shard is not None, ray_address, ray_opts, progress, summary)

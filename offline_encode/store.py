@@ -386,7 +386,7 @@ class AdapterStore:
                 store._conn.close()
                 store = cls(path, store.manifest, writable=True, lock_fd=lock_fd)
                 store.check_compatible(spec)
-                store._record_augmentation(spec.augmentation)
+                store.record_augmentation(spec.augmentation)
             else:
                 if init_adapter is None:
                     raise PragError(f"adapter store {path} does not exist and no initial adapter was given")
@@ -459,7 +459,8 @@ class AdapterStore:
             raise _disk_error(exc, path) from None
         return cls(path, manifest, writable=True, lock_fd=lock_fd)
 
-    def _record_augmentation(self, augmentation: dict | None) -> None:
+    def record_augmentation(self, augmentation: dict | None) -> None:
+        """Add an augmented file (path, sha256, augmenter) to the manifest's sources, once."""
         if augmentation and augmentation not in self.manifest["augmentation"]:
             self.manifest["augmentation"].append(augmentation)
             atomic_write_json(self.path / MANIFEST, self.manifest)
