@@ -250,6 +250,10 @@ def _evaluate(cfg: EvalConfig, engine: Engine, modes: list[str], examples: list[
     records = read_predictions(pred_path)
     done = {(r["id"], r["mode"]) for r in records}
     timing: dict = read_json(out / TIMING, "timing file") if (out / TIMING).exists() else {}
+    pending = any((ex["id"], m) not in done for m in modes if m != "none" for ex in examples)
+    if pending and engine.retriever is not None and hasattr(engine.retriever, "search"):
+        # load the query embedder now, so its start-up is not billed to the first mode's questions/s
+        engine.retriever.search([examples[0]["question"] or "warm-up"], 1, method=engine.config.retrieval_method)
     for mode in modes:
         todo = [ex for ex in examples if (ex["id"], mode) not in done]
         if not todo:
