@@ -278,7 +278,7 @@ def markdown_table(result: dict) -> str:
                      f"{100 * r['padding_fraction']:.0f}% | {r['tflops']:.4g} |")
     padded = next(r for r in result["rows"] if r["path"] == "reference-padded")
     if padded["docs"] < 1:
-        lines += ["", f"reference-padded was timed on {padded['docs'] * 5:.0f} padded steps of one document and "
+        lines += ["", f"reference-padded was timed on {padded['docs'] * 5:.0f} padded step(s) of one document and "
                       f"scaled to its 5 steps: every padded step processes {result['pad_to']} tokens, so its cost "
                       f"does not depend on the sequence."]
     lines += ["", f"Max |batched - reference| over A,B of the reference documents: "

@@ -19,5 +19,5 @@ def test_encode_benchmark_writes_json_and_table(tiny_model_dir, tmp_path):
     # The batched trainer is the paper's loop: same adapters as the unpadded reference (fp32, CPU).
     assert saved["max_abs_diff_batched_vs_reference"] < 1e-5
     table = (out / "results.md").read_text()
-    assert "| batched-3 | 3 |" in table and "reference-padded was timed on 1 padded steps" in table
+    assert "| batched-3 | 3 |" in table and "reference-padded was timed on 1 padded step(s)" in table
     assert result["rows"] == saved["rows"]
