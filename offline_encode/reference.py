@@ -18,7 +18,7 @@ from offline_encode.config import EncodeConfig, lora_key
 from offline_encode.device import resolve_device, resolve_dtype
 from offline_encode.peft_format import read_peft_adapter
 from offline_encode.trainer import Adapter, check_adapter, load_base_model, target_module_names
-from prag.errors import PragError
+
 
 def train_reference(model_path, init_adapter_dir_or_tensors: str | Path | Adapter,
                     sequences_per_doc: Sequence[Sequence[Sequence[int]]], cfg: EncodeConfig = EncodeConfig(),

@@ -221,6 +221,14 @@ def test_reference_padded_like_the_paper_matches_unpadded(tiny_model_dir, traine
     assert_adapters_close(padded, reference[:2])
 
 
+def test_reference_accepts_the_init_as_a_peft_directory(tiny_model_dir, trainer, sequences, reference, tmp_path):
+    from offline_encode.peft_format import write_peft_adapter
+
+    init_dir = write_peft_adapter(trainer.init_adapter, tmp_path / "init", CFG.rank, CFG.alpha, CFG.target_modules)
+    from_dir = train_reference(tiny_model_dir, init_dir, sequences[2:3], CFG)
+    assert_adapters_close(from_dir, reference[2:3], atol=0, rtol=0)
+
+
 def test_base_model_is_untouched_outside_training(tiny_model_dir, trainer, batched):
     from transformers import AutoModelForCausalLM
 
