@@ -1,15 +1,11 @@
-"""``prag eval`` (batch evaluation) and ``prag serve`` (not implemented yet)."""
+"""``prag eval`` (batch evaluation) and ``prag serve`` (OpenAI-compatible HTTP server)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from prag.errors import NotImplementedYet, PragError
-
-
-def _todo(args: argparse.Namespace) -> int:
-    raise NotImplementedYet(f"'{args.command}' is not implemented yet")
+from prag.errors import PragError
 
 
 def _engine_arg(text: str) -> tuple[str, object]:
@@ -93,4 +89,37 @@ def register(sub) -> None:
     add_engine_flags(p)
     p.set_defaults(func=_eval)
 
-    sub.add_parser("serve", help="OpenAI-compatible HTTP server (not implemented yet)").set_defaults(func=_todo)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat + completions) over the engine")
+    p.add_argument("--model", required=True, help="base model (HF directory or hub id in the local cache)")
+    p.add_argument("--index", help="index directory (needed by rag/prag/combine unless requests pass doc_ids)")
+    p.add_argument("--store", help="adapter store (needed by prag/combine)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: the PRAG_API_KEY "
+                   "environment variable, else no key)")
+    p.add_argument("--served-model-name", help="model id reported by /v1/models (default: --model)")
+    p.add_argument("--default-mode", default="prag", choices=["none", "rag", "prag", "combine"],
+                   help="mode for requests that do not name one (default prag)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long to wait for more requests to batch together (default 5 ms)")
+    add_engine_flags(p)
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from engine.engine import Engine
+    from engine.server import ServerConfig, serve
+
+    if not 0 < args.port < 65536:
+        raise PragError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.batch_window_ms < 0:
+        raise PragError(f"--batch-window-ms must be >= 0, got {args.batch_window_ms}")
+    api_key = args.api_key or os.environ.get("PRAG_API_KEY") or None
+    engine = Engine(args.model, index=args.index, store=args.store, config=engine_config(args))
+    with engine:
+        serve(engine, ServerConfig(host=args.host, port=args.port, api_key=api_key,
+                                   served_model_name=args.served_model_name, default_mode=args.default_mode,
+                                   batch_window_ms=args.batch_window_ms))
+    return 0

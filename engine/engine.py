@@ -311,7 +311,8 @@ class Engine:
 
     # -- the public call -------------------------------------------------------------------------
     def generate(self, questions: Sequence[str], mode: str = "prag", top_k: int | None = None,
-                 doc_ids: Sequence[Sequence[str] | None] | None = None) -> list[Answer]:
+                 doc_ids: Sequence[Sequence[str] | None] | None = None,
+                 max_new_tokens: int | None = None) -> list[Answer]:
         """Answer ``questions`` in ``mode``; ``doc_ids[i]`` (optional) overrides retrieval for question i.
 
         Per-question problems (empty question, unknown doc id, prompt too long) are recorded in that
@@ -333,10 +334,13 @@ class Engine:
                 raise PragError(f"top_k={k} x adapter rank {self.rank} = {k * self.rank} exceeds the engine's "
                                 f"max_lora_rank {self.max_lora_rank}; lower top_k or restart with a larger "
                                 f"max_lora_rank")
+        new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens <= 0:
+            raise PragError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         with self._generate_lock:
-            return self._generate(questions, mode, k, doc_ids)
+            return self._generate(questions, mode, k, doc_ids, new_tokens)
 
-    def _generate(self, questions: list, mode: str, k: int, doc_ids) -> list[Answer]:
+    def _generate(self, questions: list, mode: str, k: int, doc_ids, max_new_tokens: int) -> list[Answer]:
         t_start = time.perf_counter()
         stats = GenerateStats(questions=len(questions))
         answers = [Answer(question=q if isinstance(q, str) else str(q), mode=mode) for q in questions]
@@ -393,7 +397,7 @@ class Engine:
             t0 = time.perf_counter()
             passages = self._passages(answers, live) if mode in PASSAGE_MODES else {}
             live = [i for i in live if answers[i].ok]
-            budget = self.max_model_len - self.max_new_tokens
+            budget = self.max_model_len - max_new_tokens
             for i in live:
                 try:
                     built = build_prompt(self.tokenizer, questions[i], passages.get(i), self.prompt_cfg, budget)
@@ -411,7 +415,7 @@ class Engine:
             from vllm import SamplingParams, TokensPrompt
             from vllm.lora.request import LoRARequest
 
-            params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
+            params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
             t_gen = time.perf_counter()
 
             can_enqueue = hasattr(self.llm, "enqueue") and hasattr(self.llm, "wait_for_completion")

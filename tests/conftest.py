@@ -42,4 +42,8 @@ def shared_llm(tiny_model_dir):
 
     llm = make_llm(LLMConfig(model=str(tiny_model_dir), dtype="float32", max_model_len=1024, max_loras=8))
     yield llm
+    # shut the engine core down now, while pytest's output streams are still open
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
     del llm
