@@ -48,6 +48,11 @@ class DemoConfig:
     """What the demo runs. The defaults are ``make demo``; :func:`reduced_config` is the test's size."""
 
     model_size: str = "tiny"
+    # A Hugging Face model (name or path) to use instead of the pre-trained fixture model; the
+    # fixture and pre-training stages are then skipped, e.g. on a GPU:
+    #   python -m engine.demo --model meta-llama/Llama-3.2-1B-Instruct --top-k 3
+    base_model: str | None = None
+    dtype: str = "float32"  # vLLM dtype in the eval stage ("auto" for a real model on a GPU)
     seed: int = 0
     n_docs: int | None = None  # first N documents of engine/data/corpus.jsonl (None: all)
     n_questions: int | None = None  # first N questions about those documents (None: all)
@@ -169,19 +174,22 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
         torch.set_num_threads(cfg.torch_threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fixture, model = out / "fixture", out / "model"
+    fixture, model = out / "fixture", (Path(cfg.base_model) if cfg.base_model else out / "model")
     corpus, questions = out / "corpus.jsonl", out / "questions.jsonl"
     index, augmented, store, eval_dir = out / "index", out / "augmented.jsonl", out / "store", out / "eval"
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    _stage("fixture", (fixture / "config.json").exists(),
+    if cfg.base_model:
+        _log(f"[fixture] skip: using the model {cfg.base_model} (no fixture model, no pre-training)")
+        model = cfg.base_model  # a hub name or a local path
+    _stage("fixture", cfg.base_model is not None or (fixture / "config.json").exists(),
            f"build the {cfg.model_size} fixture model, tokenizer trained on the demo + pre-training text -> {fixture}",
            lambda: build_fixture_model(fixture, size=cfg.model_size, corpus=cfg.corpus, seed=cfg.seed,
                                        extra_texts=_tokenizer_texts(cfg)), timings)
     p = cfg.pretrain
     summary = _stage(
-        "pretrain", (model / "pretrain.json").exists(),
+        "pretrain", cfg.base_model is not None or (Path(model) / "pretrain.json").exists(),
         f"format pre-training: {p.steps} steps x {p.batch_size}, lr {p.learning_rate}, on {cfg.pretrain_data} "
         f"(disjoint fictional people) -> {model}",
         lambda: pretrain(fixture, cfg.pretrain_data, model, p, progress=cfg.progress), timings)
@@ -215,7 +223,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
         _log(f"[encode] {enc.format()}")
 
     def run_eval() -> dict:
-        engine_cfg = EngineConfig(top_k=cfg.top_k, dtype="float32", max_model_len=cfg.max_model_len,
+        engine_cfg = EngineConfig(top_k=cfg.top_k, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                                   kv_cache_gib=cfg.kv_cache_gib, seed=cfg.seed)
         return evaluate(EvalConfig(dataset="generic", data=str(questions), out=str(eval_dir), model=str(model),
                                    index=str(index), store=str(store), modes=list(cfg.modes), engine=engine_cfg,
@@ -244,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     parser.add_argument("--reduced", action="store_true", help="the test suite's smaller configuration")
     parser.add_argument("--top-k", type=int, default=None, help="documents merged per question (default 1)")
+    parser.add_argument("--model", default=None,
+                        help="use this Hugging Face model instead of the pre-trained fixture model (e.g. on a GPU)")
     args = parser.parse_args(argv)
     cfg = reduced_config(progress=True) if args.reduced else DemoConfig()
+    if args.model:
+        cfg = replace(cfg, base_model=args.model, dtype="auto")
     if args.top_k is not None:
         cfg = replace(cfg, top_k=args.top_k)
     try:
