@@ -42,6 +42,6 @@ def test_unknown_dataset_lists_valid_names(tmp_path, capsys):
         assert name in err
 
 
-def test_serve_is_still_a_stub(capsys):
-    assert main(["serve"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_serve_rejects_a_bad_port_before_loading_anything(capsys):
+    assert main(["serve", "--model", "no-such-model", "--port", "0"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err
