@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from offline_encode.augment.records import record_doc_id, record_problem
 from offline_encode.config import EncodeConfig
 from offline_encode.ray_jobs import RayOptions, WorkerPool, chunked, ray_session
 from offline_encode.store import AdapterStore, Layout, ShardMeta, StoreSpec, model_fingerprint, write_shard_file
@@ -76,24 +77,6 @@ class EncodeSummary:
 # Pass 1: which records are trainable
 
 
-def _doc_id(record: dict) -> str | None:
-    doc_id = record.get("doc_id", record.get("id"))
-    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or str(doc_id).strip() == "":
-        return None
-    return str(doc_id)
-
-
-def record_skip_reason(record: dict) -> str | None:
-    """Why a record cannot be encoded (None if it can); reasons are grouped in the summary."""
-    from offline_encode.training_data import skip_reason
-
-    if _doc_id(record) is None:
-        return "missing or empty 'doc_id'"
-    if record.get("error"):  # the augmenters' reasons are short categories (no_extractable_facts, ...)
-        return f"augmentation failed ({str(record['error'])[:60]})"
-    return skip_reason(record)
-
-
 @dataclass
 class _Plan:
     pending_lines: list[int]
@@ -105,10 +88,10 @@ def _classify(augmented: Path, store: AdapterStore | None, summary: EncodeSummar
     seen: set[str] = set()
     plan = _Plan([], set(), set())
     skipped: Counter[str] = Counter()
-    for lineno, record in iter_jsonl(augmented, "augmented file"):
+    for lineno, record in iter_jsonl(augmented, "augmented file", allow_torn_tail=True):
         summary.records += 1
-        reason = record_skip_reason(record)
-        doc_id = _doc_id(record)
+        reason = record_problem(record)
+        doc_id = record_doc_id(record)
         if reason is None and doc_id in seen:
             reason = "duplicate doc_id (the first occurrence is used)"
         if reason is not None:
@@ -133,11 +116,11 @@ def _classify(augmented: Path, store: AdapterStore | None, summary: EncodeSummar
 def _pending_records(augmented: Path, lines: list[int]) -> Iterator[dict]:
     wanted = iter(lines)
     nxt = next(wanted, None)
-    for lineno, record in iter_jsonl(augmented, "augmented file"):
+    for lineno, record in iter_jsonl(augmented, "augmented file", allow_torn_tail=True):
         if nxt is None:
             return
         if lineno == nxt:
-            yield {**record, "doc_id": _doc_id(record)}
+            yield {**record, "doc_id": record_doc_id(record)}
             nxt = next(wanted, None)
     if nxt is not None:
         raise PragError(f"{augmented} changed while encoding (line {nxt} disappeared); rerun to resume")

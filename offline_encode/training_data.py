@@ -10,31 +10,9 @@ from __future__ import annotations
 
 import math
 
+from offline_encode.augment.records import record_problem as skip_reason
 from prag.errors import PragError
 from prag.prompt import PromptConfig, build_prompt_ids
-
-
-def skip_reason(record: dict) -> str | None:
-    """Why an augmented record cannot be trained on (None when it can); the store records this reason."""
-    if not isinstance(record, dict):
-        return "record is not a JSON object"
-    passage = record.get("passage")
-    if not isinstance(passage, str) or not passage.strip():
-        return "missing or empty 'passage'"
-    qa = record.get("qa")
-    if not isinstance(qa, list) or not qa:
-        return "no QA pairs ('qa' missing or empty)"
-    for i, pair in enumerate(qa):
-        if not isinstance(pair, dict):
-            return f"qa[{i}] is not an object"
-        if not str(pair.get("question") or "").strip():
-            return f"qa[{i}] has no 'question'"
-        if not str(pair.get("answer") or "").strip():
-            return f"qa[{i}] has no 'answer'"
-    rewrites = record.get("rewrites", [])
-    if rewrites is not None and not isinstance(rewrites, list):
-        return "'rewrites' is not a list"
-    return None
 
 
 def training_texts(record: dict, with_cot: bool = False) -> list[tuple[str, list[str] | None, str]]:

@@ -110,8 +110,13 @@ def open_text(path: str | os.PathLike):
     return open(path, encoding="utf-8")
 
 
-def iter_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> Iterator[tuple[int, dict]]:
-    """Stream ``(line_number, record)`` pairs; a malformed line raises naming file and line."""
+def iter_jsonl(path: str | os.PathLike, what: str = "JSONL file",
+               allow_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
+    """Stream ``(line_number, record)`` pairs; a malformed line raises naming file and line.
+
+    ``allow_torn_tail``: a malformed *last* line without its newline (a writer still appending, or
+    killed mid-line) ends the stream instead of raising; files we append to are read this way.
+    """
     path = check_readable(path, what)
     with open_text(path) as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -120,6 +125,8 @@ def iter_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> Iterator[tu
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
+                if allow_torn_tail and not line.endswith("\n"):
+                    return
                 raise PragError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
             if not isinstance(record, dict):
                 raise PragError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")

@@ -251,6 +251,6 @@ def test_iter_augmented_ignores_a_torn_tail_only(tmp_path):
     path.write_text('{"doc_id": "b", "pass\n' + json.dumps(rec) + "\n", encoding="utf-8")
     with pytest.raises(PragError, match=r"aug\.jsonl:1: malformed JSON"):
         list(iter_augmented(path))
-    assert record_problem(rec) == "no QA pairs"
+    assert record_problem(rec) == "no QA pairs ('qa' missing or empty)"
     assert record_problem(dict(rec, qa=[{"question": "q", "answer": "a", "full_answer": "f"}], passage=" ")) \
-        == "missing passage"
+        == "missing or empty 'passage'"

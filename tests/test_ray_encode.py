@@ -17,19 +17,9 @@ from offline_encode.ray_jobs import (LOCAL, RayOptions, WorkerPool, plan_actors,
                                      run_sharded)
 from prag.errors import PragError
 from prag.prompt import PromptConfig
-from test_encode import CFG, N_GOOD, assert_same_store, cached_augmented_file, cached_reference_store
+from test_encode import CFG, N_GOOD, assert_same_store, augmented_file, encoded  # noqa: F401 (shared fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def augmented_file(tmp_path_factory) -> Path:
-    return cached_augmented_file(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def encoded(tmp_path_factory, tiny_model_dir):
-    return cached_reference_store(tmp_path_factory, tiny_model_dir)
 
 
 def test_local_cluster_matches_single_process(encoded, augmented_file, tiny_model_dir, tmp_path):

@@ -56,23 +56,41 @@ def error_kind(reason: str) -> str:
     return reason.split(":", 1)[0].strip()
 
 
+def record_doc_id(rec: dict) -> str | None:
+    """The record's document id as a string (``id`` is accepted for ``doc_id``); None if absent or empty."""
+    doc_id = rec.get("doc_id", rec.get("id"))
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or str(doc_id).strip() == "":
+        return None
+    return str(doc_id)
+
+
 def record_problem(rec: dict) -> str | None:
-    """Why an augmented record cannot be trained on (None if it can); encoding skips and counts these."""
-    if rec.get("error"):
-        return f"augmentation failed: {rec['error']}"
-    if not isinstance(rec.get("doc_id"), str) or not rec["doc_id"]:
-        return "missing doc_id"
-    if not isinstance(rec.get("passage"), str) or not rec["passage"].strip():
-        return "missing passage"
+    """Why an augmented record cannot be trained on (None if it can).
+
+    The one validator of the record format: encoding skips and counts records by this reason, and
+    the trainer refuses a record with it.
+    """
+    if not isinstance(rec, dict):
+        return "record is not a JSON object"
+    if record_doc_id(rec) is None:
+        return "missing or empty 'doc_id'"
+    if rec.get("error"):  # the augmenters' reasons are short categories (no_extractable_facts, ...)
+        return f"augmentation failed ({str(rec['error'])[:60]})"
+    passage = rec.get("passage")
+    if not isinstance(passage, str) or not passage.strip():
+        return "missing or empty 'passage'"
     qa = rec.get("qa")
     if not isinstance(qa, list) or not qa:
-        return "no QA pairs"
+        return "no QA pairs ('qa' missing or empty)"
     for i, pair in enumerate(qa):
-        if not isinstance(pair, dict) or any(not isinstance(pair.get(k), str) for k in QA_KEYS):
-            return f"qa[{i}] lacks string fields {', '.join(QA_KEYS)}"
+        if not isinstance(pair, dict):
+            return f"qa[{i}] is not an object"
+        for key in ("question", "answer"):
+            if not str(pair.get(key) or "").strip():
+                return f"qa[{i}] has no '{key}'"
     rewrites = rec.get("rewrites", [])
-    if not isinstance(rewrites, list) or any(not isinstance(r, str) for r in rewrites):
-        return "rewrites must be a list of strings"
+    if rewrites is not None and (not isinstance(rewrites, list) or any(not isinstance(r, str) for r in rewrites)):
+        return "'rewrites' is not a list of strings"
     return None
 
 
@@ -82,22 +100,12 @@ def iter_augmented(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     A torn last line (no trailing newline: a run still writing, or killed) is ignored; any other
     malformed line is an error naming file and line.
     """
-    from prag.io import check_readable, open_text
+    from prag.io import iter_jsonl
 
-    path = check_readable(path, "augmented file")
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if not line.endswith("\n"):
-                    return
-                raise PragError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(rec, dict) or "doc_id" not in rec:
-                raise PragError(f"{path}:{lineno}: not an augmented record (no 'doc_id')")
-            yield lineno, rec
+    for lineno, rec in iter_jsonl(path, "augmented file", allow_torn_tail=True):
+        if "doc_id" not in rec:
+            raise PragError(f"{path}:{lineno}: not an augmented record (no 'doc_id')")
+        yield lineno, rec
 
 
 def _repair_tail(path: Path, window: int = 1 << 22) -> int:
