@@ -77,7 +77,8 @@ class DemoConfig:
 
 def reduced_config(**overrides: Any) -> DemoConfig:
     """A smaller demo for the test suite: fewer documents and questions, shorter pre-training."""
-    cfg = DemoConfig(n_docs=20, n_questions=60, progress=False)
+    # Measured on 2 cores: 151 s in all, prag EM 0.52 vs none 0.00 (600 steps: 0.60).
+    cfg = DemoConfig(n_docs=20, n_questions=60, pretrain=PretrainConfig(steps=400), progress=False)
     return replace(cfg, **overrides)
 
 
