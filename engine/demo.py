@@ -175,27 +175,30 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
         torch.set_num_threads(cfg.torch_threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fixture, model = out / "fixture", (Path(cfg.base_model) if cfg.base_model else out / "model")
+    fixture, model = out / "fixture", out / "model"
     corpus, questions = out / "corpus.jsonl", out / "questions.jsonl"
     index, augmented, store, eval_dir = out / "index", out / "augmented.jsonl", out / "store", out / "eval"
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
     if cfg.base_model:
-        _log(f"[fixture] skip: using the model {cfg.base_model} (no fixture model, no pre-training)")
         model = cfg.base_model  # a hub name or a local path
-    _stage("fixture", cfg.base_model is not None or (fixture / "config.json").exists(),
-           f"build the {cfg.model_size} fixture model, tokenizer trained on the demo + pre-training text -> {fixture}",
-           lambda: build_fixture_model(fixture, size=cfg.model_size, corpus=cfg.corpus, seed=cfg.seed,
-                                       extra_texts=_tokenizer_texts(cfg)), timings)
-    p = cfg.pretrain
-    summary = _stage(
-        "pretrain", cfg.base_model is not None or (Path(model) / "pretrain.json").exists(),
-        f"format pre-training: {p.steps} steps x {p.batch_size}, lr {p.learning_rate}, on {cfg.pretrain_data} "
-        f"(disjoint fictional people) -> {model}",
-        lambda: pretrain(fixture, cfg.pretrain_data, model, p, progress=cfg.progress), timings)
-    if summary:
-        _log(f"[pretrain] loss {summary['first_loss']:.2f} -> {summary['last_loss']:.2f}")
+        _log(f"[fixture] skip: using the model {model}")
+        _log("[pretrain] skip: a real model needs no format pre-training")
+    else:
+        _stage("fixture", (fixture / "config.json").exists(),
+               f"build the {cfg.model_size} fixture model, tokenizer trained on the demo + pre-training text "
+               f"-> {fixture}",
+               lambda: build_fixture_model(fixture, size=cfg.model_size, corpus=cfg.corpus, seed=cfg.seed,
+                                           extra_texts=_tokenizer_texts(cfg)), timings)
+        p = cfg.pretrain
+        summary = _stage(
+            "pretrain", (model / "pretrain.json").exists(),
+            f"format pre-training: {p.steps} steps x {p.batch_size}, lr {p.learning_rate}, on {cfg.pretrain_data} "
+            f"(disjoint fictional people) -> {model}",
+            lambda: pretrain(fixture, cfg.pretrain_data, model, p, progress=cfg.progress), timings)
+        if summary:
+            _log(f"[pretrain] loss {summary['first_loss']:.2f} -> {summary['last_loss']:.2f}")
 
     def write_data() -> None:
         docs, qs = select_data(cfg)
