@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,7 +119,7 @@ def select_data(cfg: DemoConfig) -> tuple[list[dict], list[dict]]:
         raise PragError(f"{cfg.corpus}: no documents")
     ids = {d["id"] for d in docs}
     questions = []
-    for lineno, rec in iter_jsonl(cfg.questions):
+    for _, rec in iter_jsonl(cfg.questions):
         if rec.get("doc_id") in ids:
             questions.append({"id": rec["id"], "question": rec["question"], "answer": rec["answer"],
                               **({"type": rec["type"]} if rec.get("type") else {})})
