@@ -32,7 +32,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras", type=int, help="adapters per batch step (default 16 on CPU, 32 on GPU)")
     p.add_argument("--max-cpu-loras", type=int, help="vLLM's CPU adapter cache size (default 4 x max-loras)")
     p.add_argument("--max-lora-rank", type=int, help="default: smallest allowed value >= top-k x store rank")
-    p.add_argument("--kv-cache-gib", type=float, help="CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    p.add_argument("--kv-cache-gib", type=int, help="CPU KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--adapter-dir", help="where merged adapters are written (default: /dev/shm)")
     p.add_argument("--adapter-cache-mb", type=int, default=1024, help="merged-adapter cache bound (default 1024)")

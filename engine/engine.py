@@ -89,7 +89,7 @@ class EngineConfig:
     max_lora_rank: int | None = None  # None: smallest allowed value >= top_k * store rank
     max_loras: int | None = None  # adapters in one batch step; None: 16 on CPU, 32 on GPU
     max_cpu_loras: int | None = None  # vLLM's CPU-side adapter LRU; None: 4 x max_loras
-    kv_cache_gib: float | None = None  # CPU KV cache (VLLM_CPU_KVCACHE_SPACE); GPU uses gpu_memory_utilization
+    kv_cache_gib: int | None = None  # CPU KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE); GPU uses gpu_memory_utilization
     gpu_memory_utilization: float = 0.85
     seed: int = 0
     engine_args: dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument, verbatim
@@ -214,7 +214,10 @@ class Engine:
             if rank not in SUPPORTED_LORA_RANKS:
                 raise PragError(f"max_lora_rank must be one of {SUPPORTED_LORA_RANKS}, got {rank}")
             if self.config.kv_cache_gib is not None and not has_cuda():
-                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.kv_cache_gib)
+                if int(self.config.kv_cache_gib) != self.config.kv_cache_gib or self.config.kv_cache_gib <= 0:
+                    raise PragError(f"kv_cache_gib must be a positive whole number of GiB (vLLM's CPU KV cache "
+                                    f"takes an integer), got {self.config.kv_cache_gib}")
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.config.kv_cache_gib))
             # LoRA slots cost memory and time; without a store no mode can use them
             llm = make_llm(self.config.llm_config(self.model, rank, enable_lora=self.store is not None))
             self._owns_llm = True
