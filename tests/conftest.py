@@ -38,12 +38,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_llm(tiny_model_dir):
-    from prag.llm import LLMConfig, make_llm
+    from prag.llm import LLMConfig, make_llm, shutdown_llm
 
     llm = make_llm(LLMConfig(model=str(tiny_model_dir), dtype="float32", max_model_len=1024, max_loras=8))
     yield llm
-    # shut the engine core down now, while pytest's output streams are still open
-    core = getattr(llm.llm_engine, "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
-    del llm
+    shutdown_llm(llm)  # now, while pytest's output streams are still open
