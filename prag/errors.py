@@ -8,7 +8,3 @@ of dumping a traceback.
 
 class PragError(Exception):
     """A clear, actionable error caused by bad input or configuration."""
-
-
-class NotImplementedYet(PragError):
-    """A CLI stage that a later milestone fills in."""

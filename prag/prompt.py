@@ -6,7 +6,7 @@ a format the engine never shows them; so both sides build token ids here and now
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 DEFAULT_USER_TEMPLATE = (
@@ -36,7 +36,6 @@ class PromptConfig:
     cot_assistant_prefix: str = DEFAULT_COT_ASSISTANT_PREFIX
     fewshot: str = ""
     passage_format: str = "Passage {i}: {text}\n"
-    extra: dict = field(default_factory=dict)
 
 
 def normalize_question(question: str) -> str:
