@@ -9,7 +9,8 @@ Setup (all local, no network):
   explicit doc ids, so the modes differ only in what the engine does;
 * adapters: random-but-seeded rank-2 adapters per document in a real adapter store (throughput
   does not depend on adapter values);
-* model: the ``--size`` fixture model (tokenizer trained on the corpus), fp32 on the CPU;
+* model: the ``--size`` fixture model (tokenizer trained on the corpus) in ``--dtype`` for both the
+  engine and the reference: bf16 where the CPU computes it natively (AMX / AVX512-BF16), else fp32;
 * k = 3, 20 new tokens, greedy.
 
 Each mode runs once on separate warm-up questions, then on the ``--n`` timed questions with a
@@ -101,12 +102,22 @@ def _run_mode(engine, questions: list[str], mode: str, doc_ids, cold: bool) -> d
             "adapters_built": s.adapters_built, "answers": answers}
 
 
-def _reference(model: Path, store, prompts: list[list[int]], doc_ids: list[list[str]], max_new_tokens: int) -> dict:
+def default_dtype() -> str:
+    """bf16 where the CPU has native bf16 matmuls (what vLLM-CPU would pick there), else fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
+
+
+def _reference(model: Path, store, prompts: list[list[int]], doc_ids: list[list[str]], max_new_tokens: int,
+               dtype: str) -> dict:
     import torch
 
     from engine.reference import PeftReference
 
-    ref = PeftReference(model, store)
+    ref = PeftReference(model, store, dtype=getattr(torch, dtype))
     try:
         ref.export([d for ids in doc_ids for d in ids])  # the per-document PEFT dirs exist before timing
         ref.generate(prompts[0], doc_ids[0], max_new_tokens)  # warm-up
@@ -126,7 +137,7 @@ def _reference(model: Path, store, prompts: list[list[int]], doc_ids: list[list[
 
 def _markdown(rows: dict, meta: dict) -> str:
     lines = [f"Serving throughput, {meta['size']} fixture model ({meta['params']:,} parameters), CPU "
-             f"({meta['cpus']} cores), {meta['n']} NQ questions with real gold passages, k={meta['top_k']}, "
+             f"({meta['cpus']} cores), {meta.get('dtype', 'float32')}, {meta['n']} NQ questions with real gold passages, k={meta['top_k']}, "
              f"{meta['max_new_tokens']} new tokens, greedy, max_loras={meta['max_loras']}. "
              f"Retrieval (done once, shared by all modes): {meta['retrieval_questions_per_s']:.1f} questions/s.",
              "", "| mode | questions/s | generated tokens/s | mean prompt tokens | seconds | vs reference | vs rag |",
@@ -207,10 +218,10 @@ def run(args: argparse.Namespace) -> dict:
 
         tok = AutoTokenizer.from_pretrained(model)
         prompts = [build_prompt(tok, q, None, PromptConfig(), 10**9).ids for q in tq[:ref_n]]
-        ref = _reference(model, store, prompts, [sorted(d) for d in td[:ref_n]], args.max_new_tokens)
+        ref = _reference(model, store, prompts, [sorted(d) for d in td[:ref_n]], args.max_new_tokens, args.dtype)
         print(f"reference: {ref['questions_per_s']:.2f} questions/s", flush=True)
 
-    cfg = EngineConfig(top_k=args.top_k, max_new_tokens=args.max_new_tokens, dtype="float32",
+    cfg = EngineConfig(top_k=args.top_k, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                        max_model_len=args.max_model_len, max_loras=args.max_loras,
                        max_cpu_loras=args.max_cpu_loras, prepare_threads=args.prepare_threads)
     engine = Engine(model, store=store, config=cfg, documents=docs)
@@ -232,6 +243,7 @@ def run(args: argparse.Namespace) -> dict:
         r.pop("answers", None)
         r.pop("outputs", None)
     meta = {"size": args.size, "params": parameter_count(model), "cpus": os.cpu_count(), "n": args.n,
+            "dtype": args.dtype,
             "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "max_loras": engine_max_loras(cfg),
             "retrieval_questions_per_s": retrieval_qps, "reference_questions": ref_n,
             "corpus_docs": len(corpus)}
@@ -261,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "small"], default="small", help="fixture model size (default small)")
     p.add_argument("--n", type=int, default=96, help="timed questions (default 96)")
     p.add_argument("--corpus-size", type=int, default=500, help="NQ gold passages in the corpus (default 500)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=default_dtype(),
+                   help="model dtype for the engine and the reference (default: bfloat16 if the CPU has "
+                        "native bf16, else float32; here: %(default)s)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--max-model-len", type=int, default=1024)

@@ -92,6 +92,7 @@ class EngineConfig:
     kv_cache_gib: int | None = None  # CPU KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE); GPU uses gpu_memory_utilization
     gpu_memory_utilization: float = 0.85
     seed: int = 0
+    in_process: bool | None = None  # vLLM engine core in this process; None: on a CPU yes (LLMConfig)
     engine_args: dict[str, Any] = field(default_factory=dict)  # any other vllm.LLM argument, verbatim
     # merged adapters
     adapter_dir: str | None = None  # None: a fresh folder on /dev/shm (tmpfs) or the temp dir
@@ -108,11 +109,13 @@ class EngineConfig:
     def resolved_prompt(self) -> PromptConfig:
         return prompt_config(self.chain_of_thought, self.fewshot, self.prompt)
 
-    def llm_config(self, model: str, max_lora_rank: int, enable_lora: bool = True) -> LLMConfig:
+    def llm_config(self, model: str, max_lora_rank: int, enable_lora: bool = True,
+                   lora_target_modules: tuple[str, ...] | None = None) -> LLMConfig:
         return LLMConfig(model=model, dtype=self.dtype, max_model_len=self.max_model_len,
                          enable_lora=enable_lora, max_lora_rank=max_lora_rank, max_loras=self.max_loras,
                          max_cpu_loras=self.max_cpu_loras, gpu_memory_utilization=self.gpu_memory_utilization,
-                         seed=self.seed, structured_output=False, engine_args=dict(self.engine_args))
+                         seed=self.seed, structured_output=False, lora_target_modules=lora_target_modules,
+                         in_process=self.in_process, engine_args=dict(self.engine_args))
 
 
 @dataclass
@@ -219,7 +222,9 @@ class Engine:
                                     f"takes an integer), got {self.config.kv_cache_gib}")
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.config.kv_cache_gib))
             # LoRA slots cost memory and time; without a store no mode can use them
-            llm = make_llm(self.config.llm_config(self.model, rank, enable_lora=self.store is not None))
+            targets = tuple(self.store.target_modules) if self.store is not None else None
+            llm = make_llm(self.config.llm_config(self.model, rank, enable_lora=self.store is not None,
+                                                  lora_target_modules=targets))
             self._owns_llm = True
         else:
             self._owns_llm = False
@@ -416,15 +421,18 @@ class Engine:
             live = [i for i in live if answers[i].ok]
             stats.prompt_s = time.perf_counter() - t0
 
-            # 4. enqueue requests as their adapters become ready; one wait collects them all
+            # 4. each request goes into vLLM as soon as its adapter is ready, and the engine steps
+            #    while the other adapters are still being built, so generation overlaps preparation
+            #    (an in-process vLLM engine only runs when stepped)
             from vllm import SamplingParams, TokensPrompt
             from vllm.lora.request import LoRARequest
 
             params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
             t_gen = time.perf_counter()
 
-            can_enqueue = hasattr(self.llm, "enqueue") and hasattr(self.llm, "wait_for_completion")
+            can_enqueue = hasattr(self.llm, "enqueue") and hasattr(getattr(self.llm, "llm_engine", None), "step")
             deferred: list[tuple[int, LoRARequest | None]] = []  # vLLM without enqueue: one generate call
+            outputs: list = []
 
             def submit(idx: list[int], lora: LoRARequest | None) -> None:
                 if not idx:
@@ -436,6 +444,12 @@ class Engine:
                 ids = self.llm.enqueue(prompts, params, lora_request=lora, use_tqdm=False)
                 request_ids.update(zip(ids, idx))
 
+            def running() -> bool:
+                return can_enqueue and bool(request_ids) and self.llm.llm_engine.has_unfinished_requests()
+
+            def step() -> None:  # what vllm.LLM.wait_for_completion does, one step at a time
+                outputs.extend(out for out in self.llm.llm_engine.step() if out.finished)
+
             if mode not in ADAPTER_MODES:
                 submit(live, None)
             else:
@@ -443,9 +457,15 @@ class Engine:
                 for i in live:
                     by_key.setdefault(keys[i], []).append(i)
                 waiting = {futures[key]: key for key in by_key}
-                t0 = time.perf_counter()
                 while waiting:
-                    done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
+                    done = [fut for fut in waiting if fut.done()]
+                    if not done:
+                        if running():
+                            step()
+                            continue
+                        t0 = time.perf_counter()
+                        done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
+                        stats.adapter_wait_s += time.perf_counter() - t0
                     for fut in done:
                         key = waiting.pop(fut)
                         try:
@@ -458,15 +478,14 @@ class Engine:
                         for i in by_key[key]:
                             answers[i].lora_name = entry.lora_name
                         submit(by_key[key], lora)
-                stats.adapter_wait_s = time.perf_counter() - t0
                 stats.adapters_built = len(by_key) - stats.adapters_reused
             if deferred:
                 outputs = self.llm.generate(
                     [TokensPrompt(prompt_token_ids=answers[i].prompt_token_ids) for i, _ in deferred], params,
                     lora_request=[lora for _, lora in deferred], use_tqdm=False)
                 request_ids.update((out.request_id, i) for out, (i, _) in zip(outputs, deferred))
-            else:
-                outputs = self.llm.wait_for_completion(use_tqdm=False) if request_ids else []
+            while running():
+                step()
             stats.generate_s = time.perf_counter() - t_gen
         except BaseException:
             if request_ids:  # do not leave our requests running inside the shared engine

