@@ -154,7 +154,7 @@ class GenerateStats:
     prompt_tokens: int = 0
     retrieve_s: float = 0.0
     prompt_s: float = 0.0
-    adapter_wait_s: float = 0.0
+    adapter_wait_s: float = 0.0  # time vLLM sat idle waiting for the first (or next) merged adapter
     generate_s: float = 0.0
     total_s: float = 0.0
     adapters_built: int = 0
