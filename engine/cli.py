@@ -20,7 +20,7 @@ def _engine_arg(text: str) -> tuple[str, object]:
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that builds an Engine (eval now, serve later)."""
+    """Flags shared by every command that builds an Engine (eval, serve)."""
     p.add_argument("--top-k", type=int, default=3, help="documents per question (default 3, the paper's)")
     p.add_argument("--max-new-tokens", type=int, help="default 20, or 128 with --cot")
     p.add_argument("--cot", action="store_true", help="chain-of-thought prompt with few-shot examples")
@@ -36,6 +36,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--adapter-dir", help="where merged adapters are written (default: /dev/shm)")
     p.add_argument("--adapter-cache-mb", type=int, default=1024, help="merged-adapter cache bound (default 1024)")
+    p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run vLLM's engine core inside this process (default: yes on a CPU, where a separate "
+                        "busy-waiting engine process takes a core from the model; no on a GPU)")
     p.add_argument("--engine-arg", action="append", type=_engine_arg, default=[], metavar="KEY=VALUE",
                    help="any other vllm.LLM argument, e.g. --engine-arg enforce_eager=true (repeatable)")
 
@@ -53,7 +56,8 @@ def engine_config(args: argparse.Namespace):
         fewshot=load_fewshot(args.fewshot) if args.fewshot else None, retrieval_method=args.retrieval_method,
         dtype=args.dtype, max_model_len=args.max_model_len, max_lora_rank=args.max_lora_rank,
         max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, kv_cache_gib=args.kv_cache_gib,
-        gpu_memory_utilization=args.gpu_memory_utilization, engine_args=dict(args.engine_arg),
+        gpu_memory_utilization=args.gpu_memory_utilization, in_process=args.in_process,
+        engine_args=dict(args.engine_arg),
         adapter_dir=args.adapter_dir, adapter_cache_bytes=args.adapter_cache_mb << 20)
 
 

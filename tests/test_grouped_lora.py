@@ -156,3 +156,29 @@ def test_the_shared_engine_runs_the_grouped_ops_on_ffn_modules_only(shared_llm):
     assert wrappers == {GroupedPunicaWrapperCPU}
     suffixes = {name.rsplit(".", 1)[-1] for name in manager.modules}
     assert suffixes == {"gate_up_proj", "down_proj"}
+
+
+def test_llm_config_turns_the_cpu_settings_into_vllm_arguments(monkeypatch):
+    from prag import llm as llm_mod
+    from prag.llm import LLMConfig
+
+    monkeypatch.setattr(llm_mod, "has_cuda", lambda: False)
+    kw = LLMConfig(model="m", max_loras=4, lora_target_modules=("gate_proj", "down_proj")).to_engine_kwargs()
+    assert kw["lora_target_modules"] == ["gate_proj", "down_proj"]
+    assert kw["distributed_executor_backend"] == "uni"  # in-process by default on a CPU
+    kw = LLMConfig(model="m", in_process=False).to_engine_kwargs()
+    assert "distributed_executor_backend" not in kw and "lora_target_modules" not in kw
+    monkeypatch.setattr(llm_mod, "has_cuda", lambda: True)
+    assert LLMConfig(model="m").resolved_in_process() is False
+
+
+def test_cli_in_process_flag_reaches_the_engine_config():
+    import argparse
+
+    from engine.cli import add_engine_flags, engine_config
+
+    p = argparse.ArgumentParser()
+    add_engine_flags(p)
+    assert engine_config(p.parse_args([])).in_process is None
+    assert engine_config(p.parse_args(["--no-in-process"])).in_process is False
+    assert engine_config(p.parse_args(["--in-process"])).in_process is True
