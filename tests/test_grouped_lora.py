@@ -182,3 +182,14 @@ def test_cli_in_process_flag_reaches_the_engine_config():
     assert engine_config(p.parse_args([])).in_process is None
     assert engine_config(p.parse_args(["--no-in-process"])).in_process is False
     assert engine_config(p.parse_args(["--in-process"])).in_process is True
+
+
+def test_a_second_in_process_engine_is_refused_while_one_is_alive(shared_llm, tiny_model_dir):
+    """vLLM's parallel state is per process: the shared engine is in-process, so asking for another
+    in-process engine must fail clearly (the default, in_process=None, falls back to a separate process)."""
+    from prag.errors import PragError
+    from prag.llm import LLMConfig, make_llm
+
+    assert type(shared_llm.llm_engine.engine_core).__name__ == "InprocClient"
+    with pytest.raises(PragError, match="already runs inside this process"):
+        make_llm(LLMConfig(model=str(tiny_model_dir), in_process=True))
