@@ -1,0 +1,26 @@
+"""The serving benchmark runs end to end at toy size and writes what `make bench` reports."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import shared_data_file
+
+
+def test_serve_benchmark_writes_json_table_and_chart(tmp_path):
+    shared_data_file("nq_open_oracle.jsonl.gz")
+    from benchmarks.serve_throughput import main
+
+    out = tmp_path / "serve"
+    result = main(["--out", str(out), "--size", "tiny", "--n", "4", "--corpus-size", "12", "--reference-n", "2",
+                   "--dtype", "float32", "--max-loras", "4"])
+    modes = result["modes"]
+    assert set(modes) == {"none", "rag", "prag", "combine", "prag (warm cache)", "reference (PEFT, batch 1)"}
+    for name, row in modes.items():
+        assert row["questions"] == (2 if name.startswith("reference") else 4)
+        assert row["questions_per_s"] > 0 and row["generated_tokens"] > 0
+    # fp32: the engine (grouped CPU LoRA ops) and the PEFT loop give the same tokens
+    assert modes["reference (PEFT, batch 1)"]["identical_to_engine"] == "2/2"
+    assert json.loads((out / "results.json").read_text())["meta"]["dtype"] == "float32"
+    assert "| prag |" in (out / "results.md").read_text()
+    assert (out / "throughput.png").stat().st_size > 1000
