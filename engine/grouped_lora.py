@@ -9,6 +9,7 @@ longer ones (prefill) padded to the longest segment. The arithmetic is vLLM's ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -110,25 +111,32 @@ def _scatter(target: torch.Tensor, rows: torch.Tensor, span: slice | None, value
         target[rows] = values
 
 
-def grouped_shrink(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, plan: SegmentPlan,
-                   scale: float) -> None:
-    """``out[t] = scale * x[t] @ A[slot(t)].T`` for every token with an adapter; 0 elsewhere.
+def grouped_shrink(outs: Sequence[torch.Tensor], x: torch.Tensor, lora_as: Sequence[torch.Tensor],
+                   plan: SegmentPlan, scale: float) -> None:
+    """``outs[i][t] = scale * x[t] @ A_i[slot(t)].T`` for every token with an adapter; 0 elsewhere.
 
-    ``lora_a`` is vLLM's stacked ``[max_loras, 1, r, in]``; ``out`` is ``[T, r]`` (any float dtype).
+    One entry per output slice of the layer (gate and up share ``x``, which is gathered once).
+    ``lora_as[i]`` is vLLM's stacked ``[max_loras, 1, r, in]``; ``outs[i]`` is ``[T, r]`` (any float dtype).
     """
-    a = lora_a[:, 0] if lora_a.dim() == 4 else lora_a  # [max_loras, r, in]
-    rank = min(out.shape[1], a.shape[1])
-    if plan.single_tokens.numel() + plan.multi_tokens.numel() < plan.num_tokens or rank < out.shape[1]:
-        out.zero_()
-    target = out[:, :rank]
-    if plan.single_tokens.numel():
-        xs = _rows(x, plan.single_tokens, plan.span(plan.single_tokens))
-        ys = torch.bmm(xs.float().unsqueeze(1), plan.single_weights(a, rank)).squeeze(1)  # [S, r]
-        _scatter(target, plan.single_tokens, plan.span(plan.single_tokens), (ys * scale).to(out.dtype), add=False)
-    if plan.multi_tokens.numel():
-        xm = x[plan.multi_rows].to(a.dtype)  # [S, L, in]
-        ym = torch.bmm(xm, a[plan.multi_loras, :rank].transpose(1, 2))[plan.multi_valid]  # [tokens, r]
-        _scatter(target, plan.multi_tokens, plan.span(plan.multi_tokens), (ym * scale).to(out.dtype), add=False)
+    x_single = x_multi = None
+    for out, lora_a in zip(outs, lora_as, strict=True):
+        a = lora_a[:, 0] if lora_a.dim() == 4 else lora_a  # [max_loras, r, in]
+        rank = min(out.shape[1], a.shape[1])
+        if plan.single_tokens.numel() + plan.multi_tokens.numel() < plan.num_tokens or rank < out.shape[1]:
+            out.zero_()
+        target = out[:, :rank]
+        if plan.single_tokens.numel():
+            if x_single is None:
+                x_single = _rows(x, plan.single_tokens, plan.span(plan.single_tokens)).float().unsqueeze(1)
+            ys = torch.bmm(x_single, plan.single_weights(a, rank)).squeeze(1)  # [S, r]
+            _scatter(target, plan.single_tokens, plan.span(plan.single_tokens), (ys * scale).to(out.dtype),
+                     add=False)
+        if plan.multi_tokens.numel():
+            if x_multi is None:
+                x_multi = x[plan.multi_rows].to(a.dtype)  # [S, L, in]
+            ym = torch.bmm(x_multi, a[plan.multi_loras, :rank].transpose(1, 2))[plan.multi_valid]  # [tokens, r]
+            _scatter(target, plan.multi_tokens, plan.span(plan.multi_tokens), (ym * scale).to(out.dtype),
+                     add=False)
 
 
 def grouped_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, plan: SegmentPlan,

@@ -44,9 +44,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         plan = self._plan_for(x2)
         if plan is None:
             return super().add_shrink(y, x, lora_a_stacked, scale, **kwargs)
-        for slice_idx, lora_a in enumerate(lora_a_stacked):
-            out = y[slice_idx]
-            grouped_shrink(out.view(-1, out.shape[-1]), x2, lora_a, plan, scale)
+        outs = [y[i].view(-1, y[i].shape[-1]) for i in range(len(lora_a_stacked))]
+        grouped_shrink(outs, x2, lora_a_stacked, plan, scale)
         return None
 
     def add_expand(self, y: torch.Tensor, x, lora_b_stacked, output_slices, offset_start: int = 0,

@@ -53,7 +53,7 @@ def test_shrink_and_expand_match_the_per_token_definition(slots):
     x = torch.randn(len(slots), 32, generator=torch.Generator().manual_seed(1))
     plan = plan_segments(torch.tensor(slots))
     buf = torch.full((len(slots), 8), 7.0)  # stale values must be overwritten (zeros where no adapter)
-    grouped_shrink(buf, x, a, plan, scale=0.5)
+    grouped_shrink([buf], x, [a], plan, scale=0.5)
     y0 = torch.randn(len(slots), 2 * 48, generator=torch.Generator().manual_seed(2))
     y = y0.clone()
     grouped_expand(y, buf, b, plan, offset=48, size=48, add_inputs=True)
@@ -79,7 +79,7 @@ def test_matches_vllm_torch_ops():
     bgmv_expand_slice(ref_buf, b, ref_y, slots, 0, 96, True)
     plan = plan_segments(slots)
     buf = torch.zeros(len(slots), 8)
-    grouped_shrink(buf, x, a, plan, 1.0)
+    grouped_shrink([buf], x, [a], plan, 1.0)
     y = torch.zeros(len(slots), 96)
     grouped_expand(y, buf, b, plan, 0, 96)
     torch.testing.assert_close(buf, ref_buf, atol=1e-5, rtol=1e-5)
@@ -93,10 +93,10 @@ def test_cached_decode_weights_follow_in_place_adapter_loads():
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(5))
     plan = plan_segments(torch.tensor(slots))
     buf = torch.zeros(3, 8)
-    grouped_shrink(buf, x, a, plan, 1.0)
+    grouped_shrink([buf], x, [a], plan, 1.0)
     a[1, 0].copy_(torch.randn(8, 16, generator=torch.Generator().manual_seed(6)))  # new adapter in slot 1
     b[2, 0].mul_(3.0)
-    grouped_shrink(buf, x, a, plan, 1.0)
+    grouped_shrink([buf], x, [a], plan, 1.0)
     y = torch.zeros(3, 24)
     grouped_expand(y, buf, b, plan, 0, 24)
     want_shrink, want_expand = _per_token(x, a, b, slots, 1.0)
@@ -110,7 +110,7 @@ def test_bf16_close_to_float64():
     x = torch.randn(len(SLOTS), 64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
     plan = plan_segments(torch.tensor(SLOTS))
     buf = torch.zeros(len(SLOTS), 8)
-    grouped_shrink(buf, x, a, plan, 1.0)
+    grouped_shrink([buf], x, [a], plan, 1.0)
     y = torch.zeros(len(SLOTS), 96, dtype=torch.bfloat16)
     grouped_expand(y, buf, b, plan, 0, 96)
     want_shrink, want_expand = _per_token(x, a, b, SLOTS, 1.0)
@@ -193,3 +193,16 @@ def test_a_second_in_process_engine_is_refused_while_one_is_alive(shared_llm, ti
     assert type(shared_llm.llm_engine.engine_core).__name__ == "InprocClient"
     with pytest.raises(PragError, match="already runs inside this process"):
         make_llm(LLMConfig(model=str(tiny_model_dir), in_process=True))
+
+
+def test_shrink_of_two_slices_sharing_the_input():
+    """gate and up share x (gathered once); each slice gets its own adapter's result."""
+    a1, b1 = _stacked(6, 8, 32, 48, seed=11)
+    a2, _ = _stacked(6, 8, 32, 48, seed=12)
+    x = torch.randn(len(SLOTS), 32, generator=torch.Generator().manual_seed(13))
+    plan = plan_segments(torch.tensor(SLOTS))
+    bufs = [torch.zeros(len(SLOTS), 8), torch.zeros(len(SLOTS), 8)]
+    grouped_shrink(bufs, x, [a1, a2], plan, 1.0)
+    for buf, a in zip(bufs, (a1, a2)):
+        want, _ = _per_token(x, a, b1, SLOTS, 1.0)
+        torch.testing.assert_close(buf.double(), want, atol=1e-5, rtol=1e-5)
