@@ -137,7 +137,8 @@ def _reference(model: Path, store, prompts: list[list[int]], doc_ids: list[list[
 
 def _markdown(rows: dict, meta: dict) -> str:
     lines = [f"Serving throughput, {meta['size']} fixture model ({meta['params']:,} parameters), CPU "
-             f"({meta['cpus']} cores), {meta.get('dtype', 'float32')}, {meta['n']} NQ questions with real gold passages, k={meta['top_k']}, "
+             f"({meta['cpus']} cores), {meta['dtype']}, {meta['n']} NQ questions with real gold passages, "
+             f"k={meta['top_k']}, "
              f"{meta['max_new_tokens']} new tokens, greedy, max_loras={meta['max_loras']}. "
              f"Retrieval (done once, shared by all modes): {meta['retrieval_questions_per_s']:.1f} questions/s.",
              "", "| mode | questions/s | generated tokens/s | mean prompt tokens | seconds | vs reference | vs rag |",
