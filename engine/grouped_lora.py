@@ -1,9 +1,9 @@
 """Multi-LoRA matmuls grouped by adapter: pure tensor code behind :mod:`engine.vllm_cpu_lora`.
 
-A step's tokens are grouped once into *segments*, runs of consecutive tokens that share an adapter
-(one per prefill chunk, one per decoding request). Each segment's adapter weights are gathered
-once and applied with one batched matmul: one-token segments (decoding) as ``[S, 1, in] @ [S, in, r]``,
-longer ones (prefill) padded to the longest segment. The arithmetic is vLLM's ``x @ A.T`` then
+A step's tokens are grouped once into *segments*, runs of consecutive tokens that share an adapter.
+Long runs (prefill chunks) gather their adapter once and apply it with one batched matmul, padded to
+the longest run. Tokens of short runs (decoding, one token per request) are done token by token as
+``[S, 1, in] @ [S, in, r]``, with the gathered weights cached while the batch keeps decoding. The arithmetic is vLLM's ``x @ A.T`` then
 ``@ B.T``; only the grouping differs from vLLM-CPU's per-token gather.
 """
 
@@ -19,12 +19,12 @@ import torch
 class SegmentPlan:
     """Where each adapter applies in one step's flattened token batch.
 
-    ``single_*``: segments of one token (``single_tokens`` are their rows, ``single_loras`` their
-    adapter slots). ``multi_*``: longer segments, padded to ``[S, L]``: ``multi_rows[s, j]`` is the
+    ``single_*``: tokens done one by one, those of runs shorter than ``MIN_SHARED_RUN`` (``single_tokens``
+    are their rows, ``single_loras`` their adapter slots). ``multi_*``: the longer runs, padded to ``[S, L]``: ``multi_rows[s, j]`` is the
     row of the segment's j-th token (0 where ``multi_valid`` is False). Tokens without an adapter
     (slot -1) are in neither.
 
-    A decoding batch keeps the same plan for many steps, so the one-token segments' gathered
+    A decoding batch keeps the same plan for many steps, so the per-token gathered
     weights are cached on the plan (keyed by the stacked tensor and its version counter, which
     vLLM's in-place adapter loads bump).
     """
@@ -71,7 +71,14 @@ class SegmentPlan:
         return hit
 
 
-def plan_segments(token_slots: torch.Tensor) -> SegmentPlan:
+MIN_SHARED_RUN = 8
+"""Runs of at least this many tokens with one adapter (prefill chunks) share one gathered adapter; shorter
+runs are treated token by token. Decoding requests that happen to share an adapter (the same documents)
+sit next to each other in a batch; treating their two-token runs as shared segments would cut the decode
+tokens into pieces, and non-contiguous rows must land with ``index_add_``, 10x slower than a slice add."""
+
+
+def plan_segments(token_slots: torch.Tensor, min_shared_run: int = MIN_SHARED_RUN) -> SegmentPlan:
     """Group a step's per-token adapter slots (-1 = no adapter) into runs of equal slots."""
     slots = token_slots.to(torch.long).reshape(-1).clone()
     empty_long = slots.new_empty(0)
@@ -81,9 +88,10 @@ def plan_segments(token_slots: torch.Tensor) -> SegmentPlan:
     run_slots, run_lengths = torch.unique_consecutive(slots, return_counts=True)
     run_starts = torch.cumsum(run_lengths, 0) - run_lengths
     used = run_slots >= 0
-    single = used & (run_lengths == 1)
-    multi = used & (run_lengths > 1)
-    m_starts, m_lengths = run_starts[multi], run_lengths[multi]
+    shared = used & (run_lengths >= min_shared_run)
+    per_token = (used & ~shared).repeat_interleave(run_lengths)
+    single_tokens = per_token.nonzero().reshape(-1)
+    m_starts, m_lengths = run_starts[shared], run_lengths[shared]
     if m_starts.numel():
         width = int(m_lengths.max())
         offsets = torch.arange(width, dtype=torch.long)
@@ -92,7 +100,7 @@ def plan_segments(token_slots: torch.Tensor) -> SegmentPlan:
     else:
         valid = torch.zeros(0, 0, dtype=torch.bool)
         rows = slots.new_zeros(0, 0)
-    return SegmentPlan(slots, run_starts[single], run_slots[single], rows, valid, run_slots[multi], rows[valid])
+    return SegmentPlan(slots, single_tokens, slots[single_tokens], rows, valid, run_slots[shared], rows[valid])
 
 
 def _rows(t: torch.Tensor, rows: torch.Tensor, span: slice | None) -> torch.Tensor:

@@ -23,3 +23,17 @@ def register() -> None:
     if not current_platform.is_cpu():
         return
     type(current_platform).get_punica_wrapper = classmethod(lambda cls: WRAPPER_QUALNAME)
+    _fast_adapter_lookup()
+
+
+def _fast_adapter_lookup() -> None:
+    """vLLM's worker checks ``lora_int_id in self.list_adapters()`` for every request of every step,
+    and ``list_adapters`` copies the adapter LRU through a Python-level mapping view: with 96 active
+    adapters and a 384-entry cache that is ~37k Python calls, 11 ms of a 75 ms decoding step. The same
+    set, built from the cache's keys at C speed."""
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    def list_adapters(self) -> set[int]:
+        return set(self._adapter_manager._registered_adapters.keys())
+
+    WorkerLoRAManager.list_adapters = list_adapters

