@@ -150,6 +150,27 @@ def test_plugin_routes_the_cpu_platform_only_when_enabled(monkeypatch):
     assert wrapper.__name__ == "GroupedPunicaWrapperCPU"
 
 
+def test_fast_adapter_lookup_lists_the_same_adapters_as_vllm(monkeypatch):
+    """The plugin's ``list_adapters`` (a set built from the LRU's keys) against vLLM's own (a dict copy)."""
+    from types import SimpleNamespace
+
+    from vllm.lora.model_manager import AdapterLRUCache, LRUCacheLoRAModelManager
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    from engine import vllm_plugin
+
+    monkeypatch.setattr(WorkerLoRAManager, "list_adapters", WorkerLoRAManager.list_adapters)  # restored after
+    cache = AdapterLRUCache(4, lambda key: None)
+    for key in (3, 9, 4, 11, 7, 20):  # six into four places: 3 and 9 are evicted
+        cache[key] = object()
+    cache.touch(4)
+    adapter_manager = SimpleNamespace(_registered_adapters=cache)
+    want = set(LRUCacheLoRAModelManager.list_adapters(adapter_manager))
+    vllm_plugin._fast_adapter_lookup()
+    got = WorkerLoRAManager.list_adapters(SimpleNamespace(_adapter_manager=adapter_manager))
+    assert got == want == {4, 11, 7, 20}
+
+
 def test_plugin_is_registered_as_a_vllm_entry_point():
     from importlib.metadata import entry_points
 
