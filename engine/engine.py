@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from engine.adapter_cache import DEFAULT_MAX_BYTES, CachedAdapter, CacheKey, MergedAdapterCache, make_key
-from engine.merge import MergedAdapter, cat_merge
+from engine.merge import MergedAdapter, RowMerge
 from engine.prompts import build_prompt, prompt_config
 from engine.scoring import extract_answer
 from prag.errors import PragError
@@ -238,6 +238,7 @@ class Engine:
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.config.prepare_threads),
                                         thread_name_prefix="prag-adapter")
         self._generate_lock = threading.Lock()  # one batch at a time on the shared vLLM engine
+        self._row_merges: dict[int, RowMerge] = {}
         self.last_stats = GenerateStats()
 
     @classmethod
@@ -282,12 +283,20 @@ class Engine:
     # -- pieces of the per-question flow ---------------------------------------------------------
     def _adapter(self, key: CacheKey) -> CachedAdapter:
         """Read the documents' adapters, cat-merge them (sorted doc-id order) and write the dir; cached."""
-        store = self.store
+        doc_ids = list(key[0])
 
         def build() -> MergedAdapter:
-            return cat_merge(store.get_many(list(key[0])), store.alpha)
+            return self._row_merge(len(doc_ids))(self.store.get_rows(doc_ids))
 
         return self.cache.get_or_build(key, build, pin=True)
+
+    def _row_merge(self, k: int) -> RowMerge:
+        """The one-gather cat-merge of ``k`` store rows (built once per k; see :class:`engine.merge.RowMerge`)."""
+        merge = self._row_merges.get(k)
+        if merge is None:
+            layout = self.store.layout
+            merge = self._row_merges[k] = RowMerge(layout.keys, layout.shapes, k, self.store.alpha)
+        return merge
 
     def _passages(self, answers: Sequence[Answer], idx: Sequence[int]) -> dict[int, list[str]]:
         """Passage texts per question; a question whose documents cannot be fetched gets an error."""

@@ -14,6 +14,7 @@ token for token with the paper's PEFT inference even when alpha/r is not a power
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -89,6 +90,62 @@ def cat_merge(adapters: Sequence[Adapter], alpha: float | Sequence[float],
             raise PragError(f"module {m}: adapters have incompatible shapes ({exc})") from None
         total_rank = out[f"{m}.lora_A"].shape[0]
     return MergedAdapter(tensors=out, rank=total_rank)
+
+
+class RowMerge:
+    """:func:`cat_merge` of ``k`` flat store rows as one gather and one multiply.
+
+    The engine merges one adapter per question, and the per-tensor loop of :func:`cat_merge` (48 tensors
+    for an 8-layer model, each cast, scaled and concatenated) costs ~1.5 ms of Python per adapter, held
+    under the GIL that the model's step needs too. Which input element lands where depends only on the
+    store layout and ``k``, so that map is built once; every merge is then one ``index_select`` and one multiply.
+    The result is bit-identical to :func:`cat_merge` (same fp32 products, same order of keys).
+    """
+
+    def __init__(self, keys: Sequence[str], shapes: Sequence[Sequence[int]], k: int, alpha: float | Sequence[float]):
+        if k <= 0:
+            raise PragError(f"RowMerge needs k >= 1, got {k}")
+        alphas = [float(alpha)] * k if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+        if len(alphas) != k:
+            raise PragError(f"RowMerge: {len(alphas)} alpha values for k={k}")
+        shape_of = {key: tuple(int(d) for d in shape) for key, shape in zip(keys, shapes)}
+        offsets, acc = {}, 0
+        for key in keys:
+            offsets[key] = acc
+            acc += math.prod(shape_of[key])
+        self.params_per_doc = acc
+        modules = _modules({key: None for key in keys}, 0)
+        index_parts, scale_parts = [], []
+        self.keys: list[str] = []
+        self.shapes: list[tuple[int, ...]] = []
+        for m in modules:
+            (r, d_in), (d_out, r_b) = shape_of[f"{m}.lora_A"], shape_of[f"{m}.lora_B"]
+            if r != r_b:
+                raise PragError(f"module {m}: lora_A {(r, d_in)} and lora_B {(d_out, r_b)} are not [r, in] and [out, r]")
+            a_at = torch.arange(r * d_in).view(r, d_in) + offsets[f"{m}.lora_A"]
+            b_at = torch.arange(d_out * r).view(d_out, r) + offsets[f"{m}.lora_B"]
+            docs = [i * self.params_per_doc for i in range(k)]
+            index_parts += [torch.cat([a_at + d for d in docs], 0).reshape(-1),
+                            torch.cat([b_at + d for d in docs], 1).reshape(-1)]
+            scale_parts += [torch.cat([torch.full((r * d_in,), a / r) for a in alphas]),
+                            torch.ones(d_out * r * k)]
+            self.keys += [f"{m}.lora_A", f"{m}.lora_B"]
+            self.shapes += [(k * r, d_in), (d_out, k * r)]
+        self.k, self.rank = k, k * shape_of[f"{modules[0]}.lora_A"][0]
+        self.index = torch.cat(index_parts)
+        self.scale = torch.cat(scale_parts).to(torch.float32)
+
+    def __call__(self, rows: torch.Tensor) -> MergedAdapter:
+        """``rows``: ``[k, params_per_doc]`` store rows (any float dtype), in merge order."""
+        if tuple(rows.shape) != (self.k, self.params_per_doc):
+            raise PragError(f"RowMerge expects rows of shape {(self.k, self.params_per_doc)}, got {tuple(rows.shape)}")
+        flat = rows.to(torch.float32).reshape(-1).index_select(0, self.index).mul_(self.scale)
+        tensors, at = {}, 0
+        for key, shape in zip(self.keys, self.shapes):
+            n = shape[0] * shape[1]
+            tensors[key] = flat[at:at + n].view(shape)
+            at += n
+        return MergedAdapter(tensors=tensors, rank=self.rank)
 
 
 def delta_weight(adapter: Adapter, module: str, scaling: float = 1.0) -> torch.Tensor:

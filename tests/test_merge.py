@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.merge import cat_merge, delta_weight
+from engine.merge import RowMerge, cat_merge, delta_weight
 from prag.errors import PragError
 
 MODULES = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"]
@@ -40,6 +40,33 @@ def test_mixed_ranks_and_per_adapter_alpha():
     assert merged.rank == 6
     want = delta_weight(adapters[0], MODULES[0], 16) + delta_weight(adapters[1], MODULES[0], 2)
     torch.testing.assert_close(delta_weight(merged.tensors, MODULES[0]), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k, alpha, storage", [(3, 32, torch.float32), (1, 7, torch.float32),
+                                               (2, [5, 11], torch.bfloat16)])
+def test_row_merge_is_bit_identical_to_cat_merge(k, alpha, storage):
+    """The engine's one-gather merge of flat store rows against the per-tensor definition."""
+    from offline_encode.store import Layout
+
+    adapters = [_adapter(s, rank=3) for s in range(10, 10 + k)]
+    layout = Layout.from_adapter(adapters[0])
+    rows = layout.flatten(adapters, storage)
+    got = RowMerge(layout.keys, layout.shapes, k, alpha)(rows)
+    want = cat_merge([layout.unflatten(r) for r in rows], alpha)
+    assert list(got.tensors) == list(want.tensors) and got.rank == want.rank == 3 * k
+    for key, tensor in want.tensors.items():
+        assert got.tensors[key].dtype == torch.float32 and torch.equal(got.tensors[key], tensor), key
+
+
+def test_row_merge_rejects_rows_of_the_wrong_shape():
+    from offline_encode.store import Layout
+
+    layout = Layout.from_adapter(_adapter(1))
+    merge = RowMerge(layout.keys, layout.shapes, 2, 32)
+    with pytest.raises(PragError, match=r"expects rows of shape \(2, "):
+        merge(torch.zeros(3, layout.params_per_doc))
+    with pytest.raises(PragError, match="2 alpha values for k=3"):
+        RowMerge(layout.keys, layout.shapes, 3, [1, 2])
 
 
 def test_bad_inputs_are_clear_errors():

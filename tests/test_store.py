@@ -176,6 +176,29 @@ def test_model_fingerprint(tiny_model_dir, tmp_path):
         model_fingerprint(tmp_path / "does-not-exist")
 
 
+def test_safetensors_writer_reads_back_with_the_safetensors_library(tmp_path):
+    """Our writer (one header, raw bytes) against the reference reader: dtypes, shapes, strided and empty
+    tensors, scalars, metadata; and a clear error for a dtype safetensors cannot hold."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from offline_encode.peft_format import save_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, 2, generator=g).to(torch.bfloat16),
+               "f16_strided": torch.randn(4, 6, generator=g).to(torch.float16)[:, ::2], "empty": torch.zeros(0, 3),
+               "scalar": torch.tensor(2.5), "i64": torch.arange(5), "flag": torch.tensor([True, False, True])}
+    save_safetensors(tensors, tmp_path / "t.safetensors", metadata={"format": "pt", "n": "7"})
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert set(back) == set(tensors)
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"format": "pt", "n": "7"}
+    with pytest.raises(PragError, match="complex64"):
+        save_safetensors({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "z.safetensors")
+
+
 def test_peft_dir_round_trip(tmp_path):
     adapter = make_adapter(5)
     out = write_peft_adapter(adapter, tmp_path / "p", rank=2, alpha=32, target_modules=["gate_proj", "up_proj",
