@@ -19,6 +19,10 @@ same questions, where every merged adapter is already on tmpfs and loaded in vLL
 is the paper's loop, one question at a time: load the 3 per-document PEFT adapters from disk,
 ``add_weighted_adapter(..., "cat")``, HF ``generate``, unload.
 
+This host's speed drifts (the same build measured 21-31 questions/s within an hour), so the timed
+part is repeated ``--repeats`` times, each repeat timing the reference loop and every mode back to
+back. Rows show the median run; each ratio is the median of the per-repeat ratios.
+
 Writes ``results.json``, ``results.md`` and ``throughput.png`` to ``--out``.
 """
 
@@ -87,6 +91,10 @@ def _prepare(work: Path, size: str, corpus: list[dict]) -> tuple[Path, Path]:
 def _run_mode(engine, questions: list[str], mode: str, doc_ids, cold: bool) -> dict:
     if cold:
         engine.cache.clear(forget_identities=True)
+    # repeats send the same prompts again: without this, vLLM's prefix cache would skip their prefill
+    # (rag went 2-4x faster from the second repeat on). "warm cache" means warm adapters, not warm KV.
+    if not engine.llm.reset_prefix_cache():
+        raise RuntimeError("vLLM did not reset its prefix cache")
     t0 = time.perf_counter()
     answers = engine.generate(questions, mode=mode, doc_ids=doc_ids if mode != "none" else None)
     secs = time.perf_counter() - t0
@@ -111,28 +119,45 @@ def default_dtype() -> str:
     return "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
 
 
-def _reference(model: Path, store, prompts: list[list[int]], doc_ids: list[list[str]], max_new_tokens: int,
-               dtype: str) -> dict:
-    import torch
+class _ReferenceLoop:
+    """The paper's loop on the benchmark's questions, kept loaded so it can be timed between the engine's runs."""
 
-    from engine.reference import PeftReference
+    def __init__(self, model: Path, store, prompts: list[list[int]], doc_ids: list[list[str]], max_new_tokens: int,
+                 dtype: str):
+        import torch
 
-    ref = PeftReference(model, store, dtype=getattr(torch, dtype))
-    try:
-        ref.export([d for ids in doc_ids for d in ids])  # the per-document PEFT dirs exist before timing
-        ref.generate(prompts[0], doc_ids[0], max_new_tokens)  # warm-up
+        from engine.reference import PeftReference
+
+        self.prompts, self.doc_ids, self.max_new_tokens = prompts, doc_ids, max_new_tokens
+        self.ref = PeftReference(model, store, dtype=getattr(torch, dtype))
+        self.ref.export([d for ids in doc_ids for d in ids])  # the per-document PEFT dirs exist before timing
+        self.ref.generate(prompts[0], doc_ids[0], max_new_tokens)  # warm-up
+
+    def run(self) -> dict:
+        import torch
+
         tokens, outputs = 0, []
         t0 = time.perf_counter()
-        for p, ids in zip(prompts, doc_ids):
-            out = ref.generate(p, ids, max_new_tokens)
+        for p, ids in zip(self.prompts, self.doc_ids):
+            out = self.ref.generate(p, ids, self.max_new_tokens)
             tokens += len(out)
             outputs.append(out)
         secs = time.perf_counter() - t0
-    finally:
-        ref.close()
-    return {"seconds": secs, "questions": len(prompts), "generated_tokens": tokens,
-            "questions_per_s": len(prompts) / secs, "tokens_per_s": tokens / secs,
-            "torch_threads": torch.get_num_threads(), "outputs": outputs}
+        return {"seconds": secs, "questions": len(self.prompts), "generated_tokens": tokens,
+                "questions_per_s": len(self.prompts) / secs, "tokens_per_s": tokens / secs,
+                "torch_threads": torch.get_num_threads(), "outputs": outputs}
+
+    def close(self) -> None:
+        self.ref.close()
+
+
+def _median_row(runs: list[dict]) -> dict:
+    """The run with the median questions/s (its seconds, tokens, breakdown), plus every run's questions/s."""
+    ordered = sorted(runs, key=lambda r: r["questions_per_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["runs_questions_per_s"] = [round(r["questions_per_s"], 3) for r in runs]
+    row["answers"], row["outputs"] = runs[0].get("answers"), runs[0].get("outputs")
+    return row
 
 
 def _markdown(rows: dict, meta: dict) -> str:
@@ -208,10 +233,9 @@ def run(args: argparse.Namespace) -> dict:
     docs = {d["id"]: d["text"] for d in corpus}
 
     tq, td = [q["question"] for q in timed], doc_ids[:args.n]
-    rows: dict[str, dict] = {}
     ref_n = min(args.reference_n, args.n)
     ref = None
-    if ref_n > 0:  # first, so the vLLM worker processes do not compete with it for the CPU
+    if ref_n > 0:
         from transformers import AutoTokenizer
 
         from engine.prompts import build_prompt
@@ -219,43 +243,62 @@ def run(args: argparse.Namespace) -> dict:
 
         tok = AutoTokenizer.from_pretrained(model)
         prompts = [build_prompt(tok, q, None, PromptConfig(), 10**9).ids for q in tq[:ref_n]]
-        ref = _reference(model, store, prompts, [sorted(d) for d in td[:ref_n]], args.max_new_tokens, args.dtype)
-        print(f"reference: {ref['questions_per_s']:.2f} questions/s", flush=True)
+        ref = _ReferenceLoop(model, store, prompts, [sorted(d) for d in td[:ref_n]], args.max_new_tokens, args.dtype)
 
     cfg = EngineConfig(top_k=args.top_k, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                        max_model_len=args.max_model_len, max_loras=args.max_loras,
                        max_cpu_loras=args.max_cpu_loras, prepare_threads=args.prepare_threads)
     engine = Engine(model, store=store, config=cfg, documents=docs)
+    names = ["none", "rag", "prag", "combine", "prag (warm cache)"] + (["reference (PEFT, batch 1)"] if ref else [])
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    ratio_runs: dict[str, list[float]] = {"prag_vs_reference": [], "prag_vs_rag": []}
     try:
         wq, wd = [q["question"] for q in warm], doc_ids[args.n:args.n + n_warm]
         for mode in ("none", "rag", "prag", "combine"):
             _run_mode(engine, wq, mode, wd, cold=True)
-        for mode in ("none", "rag", "prag", "combine"):
-            rows[mode] = _run_mode(engine, tq, mode, td, cold=True)
-            print(f"{mode}: {rows[mode]['questions_per_s']:.2f} questions/s", flush=True)
-        rows["prag (warm cache)"] = _run_mode(engine, tq, "prag", td, cold=False)
+        # every repeat times all modes and the reference loop back to back, so each ratio compares runs
+        # made under the same machine conditions (this host's speed drifts by ~1.5x over an hour)
+        for rep in range(args.repeats):
+            this: dict[str, dict] = {}
+            if ref is not None:
+                this["reference (PEFT, batch 1)"] = ref.run()
+            for mode in ("none", "rag", "prag", "combine"):
+                this[mode] = _run_mode(engine, tq, mode, td, cold=True)
+            this["prag (warm cache)"] = _run_mode(engine, tq, "prag", td, cold=False)
+            for name, row in this.items():
+                runs[name].append(row)
+            if ref is not None:
+                ratio_runs["prag_vs_reference"].append(this["prag"]["questions_per_s"]
+                                                       / this["reference (PEFT, batch 1)"]["questions_per_s"])
+            ratio_runs["prag_vs_rag"].append(this["prag"]["questions_per_s"] / this["rag"]["questions_per_s"])
+            print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
+                f"{name} {row['questions_per_s']:.2f}" for name, row in this.items()) + " questions/s", flush=True)
     finally:
         engine.close()
+        if ref is not None:
+            ref.close()
+    rows = {name: _median_row(runs[name]) for name in names}
     if ref is not None:
-        same = sum(a.output_token_ids == o for a, o in zip(rows["prag"]["answers"], ref["outputs"]))
-        ref["identical_to_engine"] = f"{same}/{ref_n}"
-        rows["reference (PEFT, batch 1)"] = ref
+        same = sum(a.output_token_ids == o for a, o in
+                   zip(rows["prag"]["answers"], rows["reference (PEFT, batch 1)"]["outputs"]))
+        rows["reference (PEFT, batch 1)"]["identical_to_engine"] = f"{same}/{ref_n}"
     for r in rows.values():
         r.pop("answers", None)
         r.pop("outputs", None)
     meta = {"size": args.size, "params": parameter_count(model), "cpus": os.cpu_count(), "n": args.n,
-            "dtype": args.dtype,
+            "dtype": args.dtype, "repeats": args.repeats,
             "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "max_loras": engine_max_loras(cfg),
             "retrieval_questions_per_s": retrieval_qps, "reference_questions": ref_n,
             "corpus_docs": len(corpus)}
-    ratios = {}
-    if "reference (PEFT, batch 1)" in rows:
-        ratios["prag_vs_reference"] = rows["prag"]["questions_per_s"] / rows["reference (PEFT, batch 1)"]["questions_per_s"]
-    ratios["prag_vs_rag"] = rows["prag"]["questions_per_s"] / rows["rag"]["questions_per_s"]
-    result = {"meta": meta, "modes": rows, "ratios": ratios}
+    import statistics
+
+    ratios = {name: statistics.median(values) for name, values in ratio_runs.items() if values}
+    result = {"meta": meta, "modes": rows, "ratios": ratios,
+              "ratio_runs": {name: [round(v, 3) for v in values] for name, values in ratio_runs.items() if values}}
     atomic_write_json(out / "results.json", result)
     md = _markdown(rows, meta)
-    md += "\n" + ", ".join(f"{k}: {v:.2f}x" for k, v in ratios.items()) + "\n"
+    md += "\n" + ", ".join(f"{k}: {v:.2f}x (median of {args.repeats}; runs: "
+                           f"{', '.join(f'{x:.1f}' for x in ratio_runs[k])})" for k, v in ratios.items()) + "\n"
     atomic_write_text(out / "results.md", md)
     _chart(rows, out / "throughput.png", f"PRAG serving, {args.size} model, {args.n} questions, k={args.top_k}")
     print(md)
@@ -284,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cpu-loras", type=int, help="vLLM's CPU adapter cache (default 4 x max-loras)")
     p.add_argument("--prepare-threads", type=int, default=4)
     p.add_argument("--reference-n", type=int, default=16, help="questions timed for the PEFT loop (default 16)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="times every mode and the reference are timed, back to back; tables show the median "
+                        "run, ratios the median of the per-repeat ratios (default 3)")
     p.add_argument("--work", help="cache folder for the model/index/store (default OUT/work)")
     return p
 
@@ -292,6 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.n <= 0:
         raise SystemExit("--n must be positive")
+    if args.repeats <= 0:
+        raise SystemExit("--repeats must be positive")
     return run(args)
 
 

@@ -13,7 +13,7 @@ def test_serve_benchmark_writes_json_table_and_chart(tmp_path):
 
     out = tmp_path / "serve"
     result = main(["--out", str(out), "--size", "tiny", "--n", "4", "--corpus-size", "12", "--reference-n", "2",
-                   "--dtype", "float32", "--max-loras", "4"])
+                   "--dtype", "float32", "--max-loras", "4", "--repeats", "2"])
     modes = result["modes"]
     assert set(modes) == {"none", "rag", "prag", "combine", "prag (warm cache)", "reference (PEFT, batch 1)"}
     for name, row in modes.items():
@@ -21,6 +21,13 @@ def test_serve_benchmark_writes_json_table_and_chart(tmp_path):
         assert row["questions_per_s"] > 0 and row["generated_tokens"] > 0
     # fp32: the engine (grouped CPU LoRA ops) and the PEFT loop give the same tokens
     assert modes["reference (PEFT, batch 1)"]["identical_to_engine"] == "2/2"
-    assert json.loads((out / "results.json").read_text())["meta"]["dtype"] == "float32"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["meta"]["dtype"] == "float32" and saved["meta"]["repeats"] == 2
+    for name, row in modes.items():  # the table row is the median run of the repeats
+        assert len(row["runs_questions_per_s"]) == 2
+        assert round(row["questions_per_s"], 3) == min(row["runs_questions_per_s"])
+    assert len(saved["ratio_runs"]["prag_vs_reference"]) == 2
+    lo, hi = sorted(saved["ratio_runs"]["prag_vs_reference"])
+    assert lo - 1e-3 <= saved["ratios"]["prag_vs_reference"] <= hi + 1e-3
     assert "| prag |" in (out / "results.md").read_text()
     assert (out / "throughput.png").stat().st_size > 1000
