@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-loras", type=int, default=96, help="distinct adapters per batch step (default 96)")
     p.add_argument("--max-cpu-loras", type=int, help="vLLM's CPU adapter cache (default 4 x max-loras)")
-    p.add_argument("--prepare-threads", type=int, default=4)
+    p.add_argument("--prepare-threads", type=int,
+                   help="threads merging adapters beside the model (default: the engine's, 1 on a CPU)")
     p.add_argument("--reference-n", type=int, default=16, help="questions timed for the PEFT loop (default 16)")
     p.add_argument("--repeats", type=int, default=3,
                    help="times every mode and the reference are timed, back to back; tables show the median "

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from prag.cli import main
+from prag.errors import PragError
 
 
 def _eval(tmp_path, *extra):
@@ -45,3 +46,17 @@ def test_unknown_dataset_lists_valid_names(tmp_path, capsys):
 def test_serve_rejects_a_bad_port_before_loading_anything(capsys):
     assert main(["serve", "--model", "no-such-model", "--port", "0"]) == 2
     assert "--port must be between 1 and 65535" in capsys.readouterr().err
+
+
+def test_prepare_threads_default_to_one_on_a_cpu(monkeypatch):
+    """Adapter threads compete with the model's threads on a CPU (measured); a GPU gets 4."""
+    from engine import engine as engine_mod
+    from engine.engine import EngineConfig
+
+    monkeypatch.setattr(engine_mod, "has_cuda", lambda: False)
+    assert EngineConfig().resolved_prepare_threads() == 1
+    assert EngineConfig(prepare_threads=3).resolved_prepare_threads() == 3
+    monkeypatch.setattr(engine_mod, "has_cuda", lambda: True)
+    assert EngineConfig().resolved_prepare_threads() == 4
+    with pytest.raises(PragError, match="prepare_threads must be >= 1, got 0"):
+        EngineConfig(prepare_threads=0).resolved_prepare_threads()
