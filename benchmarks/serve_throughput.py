@@ -21,7 +21,8 @@ is the paper's loop, one question at a time: load the 3 per-document PEFT adapte
 
 This host's speed drifts (the same build measured 21-31 questions/s within an hour), so the timed
 part is repeated ``--repeats`` times, each repeat timing the reference loop and every mode back to
-back. Rows show the median run; each ratio is the median of the per-repeat ratios.
+back. Rows show the median run; every "vs" column and ratio is the median of the ratios of runs made
+in the same repeat.
 
 Writes ``results.json``, ``results.md`` and ``throughput.png`` to ``--out``.
 """
@@ -168,11 +169,9 @@ def _markdown(rows: dict, meta: dict) -> str:
              f"Retrieval (done once, shared by all modes): {meta['retrieval_questions_per_s']:.1f} questions/s.",
              "", "| mode | questions/s | generated tokens/s | mean prompt tokens | seconds | vs reference | vs rag |",
              "|---|---|---|---|---|---|---|"]
-    ref = rows.get("reference (PEFT, batch 1)", {}).get("questions_per_s")
-    rag = rows.get("rag", {}).get("questions_per_s")
     for name, r in rows.items():
-        vs_ref = f"{r['questions_per_s'] / ref:.1f}x" if ref else "-"
-        vs_rag = f"{r['questions_per_s'] / rag:.2f}x" if rag else "-"
+        vs_ref = f"{r['vs_reference']:.1f}x" if r.get("vs_reference") else "-"
+        vs_rag = f"{r['vs_rag']:.2f}x" if r.get("vs_rag") else "-"
         mean_prompt = f"{r['prompt_tokens'] / r['questions']:.0f}" if r.get("prompt_tokens") else "-"
         lines.append(f"| {name} | {r['questions_per_s']:.2f} | {r['tokens_per_s']:.1f} | {mean_prompt} | "
                      f"{r['seconds']:.2f} | {vs_ref} | {vs_rag} |")
@@ -200,6 +199,8 @@ def _chart(rows: dict, path: Path, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    import statistics
+
     _env()
     from engine.engine import Engine, EngineConfig
     from engine.random_store import build_random_store
@@ -251,7 +252,6 @@ def run(args: argparse.Namespace) -> dict:
     engine = Engine(model, store=store, config=cfg, documents=docs)
     names = ["none", "rag", "prag", "combine", "prag (warm cache)"] + (["reference (PEFT, batch 1)"] if ref else [])
     runs: dict[str, list[dict]] = {name: [] for name in names}
-    ratio_runs: dict[str, list[float]] = {"prag_vs_reference": [], "prag_vs_rag": []}
     try:
         wq, wd = [q["question"] for q in warm], doc_ids[args.n:args.n + n_warm]
         for mode in ("none", "rag", "prag", "combine"):
@@ -267,10 +267,6 @@ def run(args: argparse.Namespace) -> dict:
             this["prag (warm cache)"] = _run_mode(engine, tq, "prag", td, cold=False)
             for name, row in this.items():
                 runs[name].append(row)
-            if ref is not None:
-                ratio_runs["prag_vs_reference"].append(this["prag"]["questions_per_s"]
-                                                       / this["reference (PEFT, batch 1)"]["questions_per_s"])
-            ratio_runs["prag_vs_rag"].append(this["prag"]["questions_per_s"] / this["rag"]["questions_per_s"])
             print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
                 f"{name} {row['questions_per_s']:.2f}" for name, row in this.items()) + " questions/s", flush=True)
     finally:
@@ -278,6 +274,14 @@ def run(args: argparse.Namespace) -> dict:
         if ref is not None:
             ref.close()
     rows = {name: _median_row(runs[name]) for name in names}
+    ratio_runs: dict[str, list[float]] = {}
+    for name, row in rows.items():
+        for base, label in (("reference (PEFT, batch 1)", "vs_reference"), ("rag", "vs_rag")):
+            if base in runs:
+                paired = [a["questions_per_s"] / b["questions_per_s"] for a, b in zip(runs[name], runs[base])]
+                row[label] = statistics.median(paired)
+                if name == "prag":
+                    ratio_runs[f"prag_{label}"] = paired
     if ref is not None:
         same = sum(a.output_token_ids == o for a, o in
                    zip(rows["prag"]["answers"], rows["reference (PEFT, batch 1)"]["outputs"]))
@@ -290,9 +294,7 @@ def run(args: argparse.Namespace) -> dict:
             "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "max_loras": engine_max_loras(cfg),
             "retrieval_questions_per_s": retrieval_qps, "reference_questions": ref_n,
             "corpus_docs": len(corpus)}
-    import statistics
-
-    ratios = {name: statistics.median(values) for name, values in ratio_runs.items() if values}
+    ratios = {name: statistics.median(values) for name, values in ratio_runs.items()}
     result = {"meta": meta, "modes": rows, "ratios": ratios,
               "ratio_runs": {name: [round(v, 3) for v in values] for name, values in ratio_runs.items() if values}}
     atomic_write_json(out / "results.json", result)
@@ -328,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-threads", type=int,
                    help="threads merging adapters beside the model (default: the engine's, 1 on a CPU)")
     p.add_argument("--reference-n", type=int, default=16, help="questions timed for the PEFT loop (default 16)")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=int, default=5,
                    help="times every mode and the reference are timed, back to back; tables show the median "
-                        "run, ratios the median of the per-repeat ratios (default 3)")
+                        "run, ratios the median of the per-repeat ratios (default 5)")
     p.add_argument("--work", help="cache folder for the model/index/store (default OUT/work)")
     return p
 

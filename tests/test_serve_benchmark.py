@@ -29,5 +29,7 @@ def test_serve_benchmark_writes_json_table_and_chart(tmp_path):
     assert len(saved["ratio_runs"]["prag_vs_reference"]) == 2
     lo, hi = sorted(saved["ratio_runs"]["prag_vs_reference"])
     assert lo - 1e-3 <= saved["ratios"]["prag_vs_reference"] <= hi + 1e-3
+    assert modes["prag"]["vs_reference"] == saved["ratios"]["prag_vs_reference"]  # table and ratio agree
+    assert modes["rag"]["vs_rag"] == 1.0
     assert "| prag |" in (out / "results.md").read_text()
     assert (out / "throughput.png").stat().st_size > 1000
