@@ -304,8 +304,7 @@ class Engine:
         """The one-gather cat-merge of ``k`` store rows (built once per k; see :class:`engine.merge.RowMerge`)."""
         merge = self._row_merges.get(k)
         if merge is None:
-            layout = self.store.layout
-            merge = self._row_merges[k] = RowMerge(layout.keys, layout.shapes, k, self.store.alpha)
+            merge = self._row_merges[k] = RowMerge(self.store.layout, k, self.store.alpha)
         return merge
 
     def _passages(self, answers: Sequence[Answer], idx: Sequence[int]) -> dict[int, list[str]]:

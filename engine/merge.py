@@ -14,13 +14,15 @@ token for token with the paper's PEFT inference even when alpha/r is not a power
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
 from prag.errors import PragError
+
+if TYPE_CHECKING:
+    from offline_encode.store import Layout
 
 Adapter = Mapping[str, torch.Tensor]
 
@@ -102,19 +104,17 @@ class RowMerge:
     The result is bit-identical to :func:`cat_merge` (same fp32 products, same order of keys).
     """
 
-    def __init__(self, keys: Sequence[str], shapes: Sequence[Sequence[int]], k: int, alpha: float | Sequence[float]):
+    def __init__(self, layout: "Layout", k: int, alpha: float | Sequence[float]):
+        """``layout``: the store's :class:`offline_encode.store.Layout` (keys, shapes, offsets of a flat row)."""
         if k <= 0:
             raise PragError(f"RowMerge needs k >= 1, got {k}")
         alphas = [float(alpha)] * k if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
         if len(alphas) != k:
             raise PragError(f"RowMerge: {len(alphas)} alpha values for k={k}")
-        shape_of = {key: tuple(int(d) for d in shape) for key, shape in zip(keys, shapes)}
-        offsets, acc = {}, 0
-        for key in keys:
-            offsets[key] = acc
-            acc += math.prod(shape_of[key])
-        self.params_per_doc = acc
-        modules = _modules({key: None for key in keys}, 0)
+        shape_of = dict(zip(layout.keys, layout.shapes))
+        offsets = dict(zip(layout.keys, layout.offsets))
+        self.params_per_doc = layout.params_per_doc
+        modules = _modules(shape_of, 0)
         index_parts, scale_parts = [], []
         self.keys: list[str] = []
         self.shapes: list[tuple[int, ...]] = []

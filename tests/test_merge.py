@@ -51,7 +51,7 @@ def test_row_merge_is_bit_identical_to_cat_merge(k, alpha, storage):
     adapters = [_adapter(s, rank=3) for s in range(10, 10 + k)]
     layout = Layout.from_adapter(adapters[0])
     rows = layout.flatten(adapters, storage)
-    got = RowMerge(layout.keys, layout.shapes, k, alpha)(rows)
+    got = RowMerge(layout, k, alpha)(rows)
     want = cat_merge([layout.unflatten(r) for r in rows], alpha)
     assert list(got.tensors) == list(want.tensors) and got.rank == want.rank == 3 * k
     for key, tensor in want.tensors.items():
@@ -62,11 +62,11 @@ def test_row_merge_rejects_rows_of_the_wrong_shape():
     from offline_encode.store import Layout
 
     layout = Layout.from_adapter(_adapter(1))
-    merge = RowMerge(layout.keys, layout.shapes, 2, 32)
+    merge = RowMerge(layout, 2, 32)
     with pytest.raises(PragError, match=r"expects rows of shape \(2, "):
         merge(torch.zeros(3, layout.params_per_doc))
     with pytest.raises(PragError, match="2 alpha values for k=3"):
-        RowMerge(layout.keys, layout.shapes, 3, [1, 2])
+        RowMerge(layout, 3, [1, 2])
 
 
 def test_bad_inputs_are_clear_errors():
