@@ -153,7 +153,8 @@ class _ReferenceLoop:
 
 
 def _median_row(runs: list[dict]) -> dict:
-    """The run with the median questions/s (its seconds, tokens, breakdown), plus every run's questions/s."""
+    """The run with the median questions/s (the lower middle one for an even count; its seconds, tokens,
+    breakdown), plus every run's questions/s."""
     ordered = sorted(runs, key=lambda r: r["questions_per_s"])
     row = dict(ordered[(len(ordered) - 1) // 2])
     row["runs_questions_per_s"] = [round(r["questions_per_s"], 3) for r in runs]

@@ -3,8 +3,9 @@
 A step's tokens are grouped once into *segments*, runs of consecutive tokens that share an adapter.
 Long runs (prefill chunks) gather their adapter once and apply it with one batched matmul, padded to
 the longest run. Tokens of short runs (decoding, one token per request) are done token by token as
-``[S, 1, in] @ [S, in, r]``, with the gathered weights cached while the batch keeps decoding. The arithmetic is vLLM's ``x @ A.T`` then
-``@ B.T``; only the grouping differs from vLLM-CPU's per-token gather.
+``[S, 1, in] @ [S, in, r]``, with the gathered weights cached while the batch keeps decoding. The
+arithmetic is vLLM's ``x @ A.T`` then ``@ B.T``; only the grouping differs from vLLM-CPU's per-token
+gather.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 class SegmentPlan:
     """Where each adapter applies in one step's flattened token batch.
 
-    ``single_*``: tokens done one by one, those of runs shorter than ``MIN_SHARED_RUN`` (``single_tokens``
-    are their rows, ``single_loras`` their adapter slots). ``multi_*``: the longer runs, padded to ``[S, L]``: ``multi_rows[s, j]`` is the
-    row of the segment's j-th token (0 where ``multi_valid`` is False). Tokens without an adapter
+    ``single_*``: tokens done one by one, those of runs shorter than ``MIN_SHARED_RUN``
+    (``single_tokens`` are their rows, ``single_loras`` their adapter slots). ``multi_*``: the longer
+    runs, padded to ``[S, L]``: ``multi_rows[s, j]`` is the row of the segment's j-th token (0 where ``multi_valid`` is False). Tokens without an adapter
     (slot -1) are in neither.
 
     A decoding batch keeps the same plan for many steps, so the per-token gathered

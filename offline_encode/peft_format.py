@@ -124,7 +124,7 @@ def write_peft_adapter(adapter: Mapping[str, torch.Tensor], out_dir: str | os.Pa
             raise PragError(f"adapter tensor {key!r} must be 2-D, got shape {tuple(value.shape)}")
         if torch_dtype is not None and value.dtype != torch_dtype:
             value = value.to(torch_dtype)
-        tensors[peft_key(module, which)] = value.detach().contiguous().cpu()
+        tensors[peft_key(module, which)] = value  # save_safetensors makes it a contiguous CPU buffer
     config = adapter_config(rank, alpha, target_modules, base_model_name_or_path)
     with atomic_dir(out_dir) as tmp:
         save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
