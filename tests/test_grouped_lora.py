@@ -151,7 +151,8 @@ def test_plugin_routes_the_cpu_platform_only_when_enabled(monkeypatch):
 
 
 def test_fast_adapter_lookup_lists_the_same_adapters_as_vllm(monkeypatch):
-    """The plugin's ``list_adapters`` (a set built from the LRU's keys) against vLLM's own (a dict copy)."""
+    """The plugin's ``list_adapters`` (the LRU's live keys view) against vLLM's own (a dict copy), for the
+    ways vLLM's managers use it: membership, equality and subtraction before the cache changes."""
     from types import SimpleNamespace
 
     from vllm.lora.model_manager import AdapterLRUCache, LRUCacheLoRAModelManager
@@ -169,6 +170,11 @@ def test_fast_adapter_lookup_lists_the_same_adapters_as_vllm(monkeypatch):
     vllm_plugin._fast_adapter_lookup()
     got = WorkerLoRAManager.list_adapters(SimpleNamespace(_adapter_manager=adapter_manager))
     assert got == want == {4, 11, 7, 20}
+    assert [k in got for k in (3, 9, 4, 20, 5)] == [False, False, True, True, False]
+    stale = got - {11, 99}
+    assert isinstance(stale, set) and stale == {4, 7, 20}
+    cache[21] = object()  # evicts the least recently used (11): the view follows the cache, the difference does not
+    assert 21 in got and 11 not in got and stale == {4, 7, 20}
 
 
 def test_plugin_is_registered_as_a_vllm_entry_point():
@@ -178,15 +184,18 @@ def test_plugin_is_registered_as_a_vllm_entry_point():
     assert "engine.vllm_plugin:register" in values
 
 
-def test_the_shared_engine_runs_the_grouped_ops_on_ffn_modules_only(shared_llm):
+def test_the_shared_engine_runs_our_lora_ops_on_ffn_modules_only(shared_llm):
     """The test session's vLLM engine (the one the prag/combine token-identity tests use) is built by
-    ``make_llm``: in-process on a CPU, our punica wrapper, LoRA layers only where adapters can be."""
+    ``make_llm``: in-process on a CPU, our punica wrapper with the native kernel, LoRA layers only where
+    adapters can be."""
     from engine.vllm_cpu_lora import GroupedPunicaWrapperCPU
 
     manager = (shared_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
                .model_runner.lora_manager._adapter_manager)
     wrappers = set(map(type, manager.punica_wrapper_mapping.values()))
     assert wrappers == {GroupedPunicaWrapperCPU}
+    # and the fused C kernel behind it, so the token-identity tests against PEFT run on that kernel
+    assert all(w._native is not None for w in manager.punica_wrapper_mapping.values())
     suffixes = {name.rsplit(".", 1)[-1] for name in manager.modules}
     assert suffixes == {"gate_up_proj", "down_proj"}
 

@@ -1,0 +1,162 @@
+"""The fused C multi-LoRA kernel (engine/csrc/lora_cpu.c via engine.native_lora) against the definition."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine import native_lora
+
+# blocks of 4 equal slots (the kernel's shared-weights path), single tokens, no adapter (-1), a slot past
+# the stacked tensor (treated as no adapter), a run that straddles a block boundary, a short tail
+SLOTS = [2, 2, 2, 2, 0, 1, 1, -1, 3, 3, 3, 3, 3, 3, 3, 3, 5, 9, 2, 4, 4]
+
+
+@pytest.fixture(scope="module")
+def kernel() -> native_lora.NativeLoRA:
+    k = native_lora.load()
+    assert k is not None, "the C kernel did not build: is there a C compiler (cc/gcc)?"
+    return k
+
+
+def _weights(n_slots: int, rank: int, d_in: int, widths: list[int], dtype, seed: int, live_rank: int):
+    """vLLM-style stacked A ``[L, r, in]`` and B ``[L, out, r]`` per slice; rows past ``live_rank`` are zero, as
+    in vLLM's slots padded to max_lora_rank. Slot 1 is all zero (an empty slot)."""
+    g = torch.Generator().manual_seed(seed)
+    a_list, b_list = [], []
+    for w in widths:
+        a = torch.zeros(n_slots, rank, d_in)
+        b = torch.zeros(n_slots, w, rank)
+        a[:, :live_rank] = torch.randn(n_slots, live_rank, d_in, generator=g)
+        b[:, :, :live_rank] = torch.randn(n_slots, w, live_rank, generator=g)
+        a[1], b[1] = 0, 0
+        a_list.append(a.to(dtype))
+        b_list.append(b.to(dtype))
+    return a_list, b_list
+
+
+def _definition(y0, x, slots, a_list, b_list, offsets, widths, scale, n_slots):
+    """Token by token in float64: y[t, slice k] += (scale * x[t] @ A_k[s].T) @ B_k[s].T."""
+    y = y0.double().clone()
+    for t, s in enumerate(slots):
+        if 0 <= s < n_slots:
+            for a, b, off, w in zip(a_list, b_list, offsets, widths, strict=True):
+                h = scale * (a[s].double() @ x[t].double())
+                y[t, off:off + w] += b[s].double() @ h
+    return y
+
+
+def _run(kernel, y, x, slots, a_list, b_list, offsets, widths, scale):
+    bts = [b.transpose(1, 2).contiguous() for b in b_list]
+    kernel.linear(y, x, torch.tensor(slots, dtype=torch.long), a_list, bts, offsets, widths, scale)
+
+
+# widths and d_in that are and are not multiples of the kernel's 16-float vectors
+@pytest.mark.parametrize("d_in,widths", [(64, [48, 80]), (37, [21]), (16, [16, 16, 5])])
+def test_float32_matches_the_definition(kernel, d_in, widths):
+    n_slots, rank = 6, 8
+    a_list, b_list = _weights(n_slots, rank, d_in, widths, torch.float32, seed=d_in, live_rank=6)
+    g = torch.Generator().manual_seed(1)
+    x_wide = torch.randn(len(SLOTS), d_in + 3, generator=g)
+    x = x_wide[:, 1:d_in + 1]  # a row stride that is not the width
+    offsets = [3 + sum(widths[:k]) for k in range(len(widths))]
+    y0 = torch.randn(len(SLOTS), 3 + sum(widths) + 4, generator=g)
+    y = y0.clone()
+    _run(kernel, y, x, SLOTS, a_list, b_list, offsets, widths, scale=0.5)
+    want = _definition(y0, x, SLOTS, a_list, b_list, offsets, widths, 0.5, n_slots)
+    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-5)
+    assert torch.equal(y[:, :3], y0[:, :3]) and torch.equal(y[:, -4:], y0[:, -4:])  # outside the slices
+    untouched = [t for t, s in enumerate(SLOTS) if s < 0 or s >= n_slots or s == 1]
+    assert torch.equal(y[untouched], y0[untouched])
+
+
+def test_bfloat16_rounds_once_from_the_float32_sum(kernel):
+    """bf16 activations and weights: products and sums in fp32 (vLLM's fp32 buffer), y rounded once."""
+    n_slots, widths = 6, [96, 40]
+    a_list, b_list = _weights(n_slots, 8, 64, widths, torch.bfloat16, seed=3, live_rank=6)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(len(SLOTS), 64, generator=g).to(torch.bfloat16)
+    y0 = torch.randn(len(SLOTS), sum(widths), generator=g).to(torch.bfloat16)
+    y = y0.clone()
+    _run(kernel, y, x, SLOTS, a_list, b_list, [0, 96], widths, scale=1.0)
+    want = _definition(y0, x, SLOTS, a_list, b_list, [0, 96], widths, 1.0, n_slots)
+    # the exact sum rounded to bf16 is within half an ulp; fp32 accumulation order can move it one ulp
+    ulp = torch.finfo(torch.bfloat16).eps * want.abs().clamp_min(1.0)
+    assert ((y.double() - want).abs() <= ulp).all()
+    assert (y.double() == want.to(torch.bfloat16).double()).float().mean() > 0.95
+
+
+def test_bfloat16_store_rounds_like_torch(kernel):
+    """y = 0 + 1 * v: the kernel's fp32 -> bf16 store against torch's cast, bit for bit, on ties, huge values,
+    infinities and NaN."""
+    base = torch.tensor([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.4e38, -3.4e38, float("inf"),
+                         float("-inf"), float("nan"), 1e-40, 0.0])  # not -0.0: 0 + -0 is +0, as in torch
+    v = torch.cat([base, torch.randn(1000, generator=torch.Generator().manual_seed(5)) * 100]).reshape(1, -1)
+    width = v.shape[1]
+    x = torch.ones(1, 1)
+    a = torch.ones(1, 1, 1)  # h = 1
+    y = torch.zeros(1, width, dtype=torch.bfloat16)
+    kernel.linear(y, x, torch.zeros(1, dtype=torch.long), [a], [v.reshape(1, 1, width)], [0], [width], 1.0)
+    want = v.to(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def test_rejects_what_it_cannot_take(kernel):
+    a_list, b_list = _weights(2, 4, 8, [8], torch.float32, seed=6, live_rank=4)
+    bts = [b.transpose(1, 2).contiguous() for b in b_list]
+    slots = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="x: needs a CPU float32/bfloat16"):
+        kernel.linear(torch.zeros(3, 8), torch.zeros(3, 8, dtype=torch.float16), slots, a_list, bts, [0], [8], 1.0)
+    with pytest.raises(ValueError, match="slots"):
+        kernel.linear(torch.zeros(3, 8), torch.zeros(3, 8), slots.int(), a_list, bts, [0], [8], 1.0)
+    with pytest.raises(ValueError, match="one entry per slice"):
+        kernel.linear(torch.zeros(3, 8), torch.zeros(3, 8), slots, a_list, bts, [0, 8], [8], 1.0)
+    with pytest.raises(ValueError, match="share one dtype"):
+        kernel.linear(torch.zeros(3, 8), torch.zeros(3, 8), slots, a_list, [bts[0].bfloat16()], [0], [8], 1.0)
+
+
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+    cc = native_lora._compiler()
+    assert cc is not None
+    first = native_lora.build(cc, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native_lora.build(cc, tmp_path) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left behind
+    with pytest.raises(RuntimeError, match="failed on"):
+        native_lora.build("false", tmp_path / "broken")
+    assert not any((tmp_path / "broken").iterdir())
+
+
+def test_switch_off_and_missing_compiler_fall_back(monkeypatch):
+    monkeypatch.setenv(native_lora.ENV_FLAG, "0")
+    assert native_lora._try_load() is None
+    monkeypatch.delenv(native_lora.ENV_FLAG)
+    monkeypatch.setattr(native_lora, "_compiler", lambda: None)
+    assert native_lora._try_load() is None
+
+
+def test_wrapper_refreshes_transposed_b_after_an_in_place_adapter_load():
+    """vLLM writes a new adapter into a slot in place; the cached transposed B must follow."""
+    from engine.vllm_cpu_lora import GroupedPunicaWrapperCPU
+
+    wrapper = SimpleNamespace(_transposed={})
+    lora_b = torch.randn(3, 1, 10, 4)
+    first = GroupedPunicaWrapperCPU._lora_bt(wrapper, lora_b)
+    assert torch.equal(first, lora_b[:, 0].transpose(1, 2))
+    assert GroupedPunicaWrapperCPU._lora_bt(wrapper, lora_b) is first  # cached
+    lora_b[2, 0, :, :2].copy_(torch.ones(10, 2))  # vLLM's set_lora
+    again = GroupedPunicaWrapperCPU._lora_bt(wrapper, lora_b)
+    assert again is not first and torch.equal(again, lora_b[:, 0].transpose(1, 2))
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PRAG_CACHE_DIR", str(tmp_path))
+    assert native_lora.cache_dir() == tmp_path / "native"
+    monkeypatch.delenv("PRAG_CACHE_DIR")
+    assert native_lora.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "prag-engine", "native") \
+        or native_lora.cache_dir().parts[-3:] == (".cache", "prag-engine", "native")
