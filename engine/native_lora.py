@@ -94,7 +94,7 @@ class NativeLoRA:
         self._fn = ctypes.CDLL(str(path)).prag_lora_linear
         p, i = ctypes.c_void_p, ctypes.c_int
         self._fn.argtypes = [p, i, _I64, p, i, _I64, _I64, _I64, p, _I64,
-                             i, p, p, p, p, p, p, p, p, _I64, i, ctypes.c_float]
+                             i, p, p, p, p, p, p, p, p, _I64, i, ctypes.c_float, i]
         self._fn.restype = ctypes.c_int
 
     def linear(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, lora_as: Sequence[torch.Tensor],
@@ -129,7 +129,8 @@ class NativeLoRA:
                       x.shape[0], slots.data_ptr(), lora_as[0].shape[0],
                       n, ptrs(lora_as), arr([a.stride(0) for a in lora_as]), arr([a.stride(1) for a in lora_as]),
                       ptrs(lora_bts), arr([b.stride(0) for b in lora_bts]), arr([b.stride(1) for b in lora_bts]),
-                      arr(offsets), arr(widths), rank, _DTYPE_CODES[w_dtypes.pop()], float(scale))
+                      arr(offsets), arr(widths), rank, _DTYPE_CODES[w_dtypes.pop()], float(scale),
+                      torch.get_num_threads())  # torch's own intra-op count, not OpenMP's per-thread default
         if rc != 0:
             raise RuntimeError(f"prag_lora_linear: {_ERRORS.get(rc, rc)}")
 

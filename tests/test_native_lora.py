@@ -160,3 +160,24 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("PRAG_CACHE_DIR")
     assert native_lora.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "prag-engine", "native") \
         or native_lora.cache_dir().parts[-3:] == (".cache", "prag-engine", "native")
+
+
+def test_same_bits_with_any_thread_count(kernel):
+    """Tokens are independent, so splitting them over threads (torch's count is passed) changes nothing."""
+    a_list, b_list = _weights(6, 8, 64, [96], torch.bfloat16, seed=9, live_rank=6)
+    slots = [s % 6 for s in range(0, 600, 7)] + [3] * 400  # decode-like, then a long prefill run
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(len(slots), 64, generator=g).to(torch.bfloat16)
+    y0 = torch.randn(len(slots), 96, generator=g).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y = y0.clone()
+            _run(kernel, y, x, slots, a_list, b_list, [0], [96], scale=2.0)
+            outs.append(y)
+    finally:
+        torch.set_num_threads(before)
+    assert not torch.equal(outs[0], y0)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -3,8 +3,8 @@
  * Why C: per token this is a rank-r shrink and expand. In torch it takes a gather of the adapter
  * weights (or padding to segments), an fp32 temporary of the full output width, a dtype conversion
  * and a scatter-add: four passes over the activations where one suffices. Here each token reads its
- * slot's weights in place (consecutive prefill tokens share a slot, so the weights stay in cache),
- * keeps the rank-r intermediate in registers, and adds into y once.
+ * slot's weights in place, four consecutive tokens of one slot (a prefill chunk) per weight load, keeps
+ * the rank-r intermediate on the stack, and adds into y once, in 16-float blocks held in registers.
  *
  * Numerics follow vLLM's punica ops: the shrink result is fp32 (vLLM's buffer dtype), the expand
  * accumulates in fp32 on top of y and rounds to y's dtype once (round to nearest even for bf16).
@@ -15,7 +15,7 @@
  *   A_k    [L, R, in]      weight dtype w_dt, slot stride a_ss[k], row stride a_rs[k]
  *   BT_k   [L, R, width]   B transposed, slot stride bt_ss[k], row stride bt_rs[k]
  *   slots  [T]             int64 adapter slot of each token; < 0 or >= n_slots: no adapter
- * dtype codes: 0 = float32, 1 = bfloat16.
+ * dtype codes: 0 = float32, 1 = bfloat16. n_threads: OpenMP threads (the caller passes torch's count).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -174,7 +174,7 @@ int prag_lora_linear(void *y, int y_dt, i64 y_rs,
                      i64 T, const i64 *slots, i64 n_slots,
                      int n_slices, const void *const *a, const i64 *a_ss, const i64 *a_rs,
                      const void *const *bt, const i64 *bt_ss, const i64 *bt_rs,
-                     const i64 *offsets, const i64 *widths, i64 rank, int w_dt, float scale) {
+                     const i64 *offsets, const i64 *widths, i64 rank, int w_dt, float scale, int n_threads) {
     if (x_dt < 0 || x_dt > 1 || y_dt < 0 || y_dt > 1 || w_dt < 0 || w_dt > 1) return 1;
     if (rank > PRAG_MAX_RANK) return 2;
     i64 max_width = 0;
@@ -183,7 +183,7 @@ int prag_lora_linear(void *y, int y_dt, i64 y_rs,
     const i64 xs = dt_size(x_dt), ys = dt_size(y_dt), ws = dt_size(w_dt);
     int failed = 0;
 
-#pragma omp parallel if (T * (in + max_width) * n_slices > 65536)
+#pragma omp parallel num_threads(n_threads > 0 ? n_threads : 1) if (T * (in + max_width) * n_slices > 65536)
     {
         float *scratch = (float *)malloc((size_t)NB * in * sizeof(float));
         float h[NB][PRAG_MAX_RANK];
