@@ -123,7 +123,8 @@ class NativeLoRA:
         def arr(values: Sequence[int]) -> ctypes.Array:
             return (_I64 * n)(*values)
 
-        ptrs = lambda ts: (ctypes.c_void_p * n)(*(t.data_ptr() for t in ts))  # noqa: E731
+        def ptrs(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
+            return (ctypes.c_void_p * n)(*(t.data_ptr() for t in tensors))
         rc = self._fn(y.data_ptr(), _DTYPE_CODES[y.dtype], y.stride(0),
                       x.data_ptr(), _DTYPE_CODES[x.dtype], x.stride(0), x.shape[1],
                       x.shape[0], slots.data_ptr(), lora_as[0].shape[0],
