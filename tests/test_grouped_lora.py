@@ -198,6 +198,8 @@ def test_the_shared_engine_runs_our_lora_ops_on_ffn_modules_only(shared_llm):
     assert all(w._native is not None for w in manager.punica_wrapper_mapping.values())
     suffixes = {name.rsplit(".", 1)[-1] for name in manager.modules}
     assert suffixes == {"gate_up_proj", "down_proj"}
+    # vLLM's C++ ops for norms, rotary and activation in the eager LoRA model
+    assert "all" in shared_llm.llm_engine.vllm_config.compilation_config.custom_ops
 
 
 def test_llm_config_turns_the_cpu_settings_into_vllm_arguments(monkeypatch):
@@ -208,10 +210,16 @@ def test_llm_config_turns_the_cpu_settings_into_vllm_arguments(monkeypatch):
     kw = LLMConfig(model="m", max_loras=4, lora_target_modules=("gate_proj", "down_proj")).to_engine_kwargs()
     assert kw["lora_target_modules"] == ["gate_proj", "down_proj"]
     assert kw["distributed_executor_backend"] == "uni"  # in-process by default on a CPU
+    assert kw["compilation_config"] == {"custom_ops": ["all"]}  # vLLM's C++ norm/rotary/activation ops
     kw = LLMConfig(model="m", in_process=False).to_engine_kwargs()
     assert "distributed_executor_backend" not in kw and "lora_target_modules" not in kw
+    custom = {"custom_ops": ["none"], "mode": 0}
+    assert LLMConfig(model="m", engine_args={"compilation_config": custom}).to_engine_kwargs()["compilation_config"] \
+        == custom  # the caller's own setting wins
+    assert "compilation_config" not in LLMConfig(model="m", enable_lora=False).to_engine_kwargs()
     monkeypatch.setattr(llm_mod, "has_cuda", lambda: True)
     assert LLMConfig(model="m").resolved_in_process() is False
+    assert "compilation_config" not in LLMConfig(model="m").to_engine_kwargs()  # GPUs keep vLLM's compile
 
 
 def test_cli_in_process_flag_reaches_the_engine_config():
