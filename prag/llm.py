@@ -77,12 +77,12 @@ class LLMConfig:
                       max_cpu_loras=max(self.max_cpu_loras or 4 * max_loras, max_loras))
             if self.lora_target_modules:
                 kw["lora_target_modules"] = list(self.lora_target_modules)
-        if self.enable_lora and not has_cuda():
-            # vLLM-CPU runs a LoRA-enabled model eagerly (no torch.compile), yet keeps its compile-time
-            # default of torch-native norms, rotary and activation, which are slow op by op. Its C++ ops
-            # for those made none and prag ~30% faster (alternating runs: prag 38.5 -> 49.6 q/s).
-            # An engine_args["compilation_config"] given by the caller replaces this.
-            kw["compilation_config"] = {"custom_ops": ["all"]}
+            if not has_cuda():
+                # vLLM-CPU runs a LoRA-enabled model eagerly (no torch.compile), yet keeps its compile-time
+                # default of torch-native norms, rotary and activation, which are slow op by op. Its C++
+                # ops for those made none and prag ~30% faster (alternating runs: prag 38.5 -> 49.6 q/s).
+                # An engine_args["compilation_config"] given by the caller replaces this.
+                kw["compilation_config"] = {"custom_ops": ["all"]}
         if in_process:
             kw["distributed_executor_backend"] = "uni"
         if self.structured_output:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -158,8 +158,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PRAG_CACHE_DIR", str(tmp_path))
     assert native_lora.cache_dir() == tmp_path / "native"
     monkeypatch.delenv("PRAG_CACHE_DIR")
-    assert native_lora.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "prag-engine", "native") \
-        or native_lora.cache_dir().parts[-3:] == (".cache", "prag-engine", "native")
+    assert native_lora.cache_dir() == Path.home() / ".cache" / "prag-engine" / "native"
 
 
 def test_same_bits_with_any_thread_count(kernel):
