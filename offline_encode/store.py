@@ -44,7 +44,9 @@ from safetensors import safe_open
 
 from offline_encode.peft_format import save_safetensors
 from prag.errors import PragError
+from prag.hub import resolve_local_model
 from prag.io import atomic_path, atomic_write_json, read_json, sha256_file, sha256_json
+from prag.io import sampled_sha256 as _sampled_sha256  # the shared sampler; the old name stays importable
 
 STORE_FORMAT = "prag-adapter-store"
 STORE_FORMAT_VERSION = 1
@@ -88,35 +90,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def resolve_model_dir(model_name_or_path: str | os.PathLike) -> Path:
-    """A local model directory, or the Hugging Face cache snapshot of a hub id (no download)."""
-    path = Path(model_name_or_path)
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(str(model_name_or_path), "config.json")
-    except Exception:  # an invalid repo id, e.g. a path that does not exist
-        cached = None
-    if isinstance(cached, str):
-        return Path(cached).parent
-    raise PragError(f"model not found: {model_name_or_path} is neither a local directory nor a model in the "
-                    f"Hugging Face cache (download it first, e.g. `huggingface-cli download {model_name_or_path}`)")
-
-
-def _sampled_sha256(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
-    """sha256 of ``samples`` evenly spaced ``chunk``-byte pieces: tells fine-tunes of one architecture
-    apart (same config, same sizes) while reading about 1 MiB per file, whatever its size."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        if size <= samples * chunk:
-            h.update(fh.read())
-        else:
-            for i in range(samples):
-                fh.seek((size - chunk) * i // (samples - 1))
-                h.update(fh.read(chunk))
-    return h.hexdigest()
+    """A local model directory, or the Hugging Face cache snapshot of a hub id (never a download)."""
+    return resolve_local_model(model_name_or_path, what="model", flag=None)
 
 
 def model_fingerprint(model_name_or_path: str | os.PathLike) -> dict:

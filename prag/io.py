@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from prag.errors import PragError
 
@@ -164,3 +165,169 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output directory")
     except OSError as exc:
         raise PragError(f"{what} is not writable: {path} ({exc.strerror or exc})") from None
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampled checksums: a cheap identity of a large file
+
+
+SAMPLE_COUNT = 16
+SAMPLE_BYTES = 1 << 16
+
+
+def sampled_blocks(size: int, samples: int = SAMPLE_COUNT, chunk: int = SAMPLE_BYTES) -> list[tuple[int, int]]:
+    """The ``(offset, length)`` pieces ``sampled_sha256`` reads from a file of ``size`` bytes: the whole
+    file when it is small, else ``samples`` evenly spaced ``chunk``-byte blocks (the first at 0, the
+    last at the end), so the cost is bounded whatever the size."""
+    if size <= samples * chunk:
+        return [(0, size)]
+    return [((size - chunk) * i // (samples - 1), chunk) for i in range(samples)]
+
+
+def sampled_sha256(path: str | os.PathLike, samples: int = SAMPLE_COUNT, chunk: int = SAMPLE_BYTES) -> str:
+    """sha256 of the ``sampled_blocks`` of ``path`` (about 1 MiB read, whatever the size).
+
+    It tells two files of equal size apart (e.g. fine-tunes of one architecture) and catches
+    corruption inside a sampled block; a full ``sha256_file`` catches everything.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for offset, length in sampled_blocks(os.fstat(fh.fileno()).st_size, samples, chunk):
+            fh.seek(offset)
+            h.update(fh.read(length))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# --out directories: never delete what this command did not create
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command writes to its ``--out`` directory, and how a previous output of it is recognised.
+
+    ``what`` names it with its article ("an index"); ``is_previous(path)`` is true only for a
+    directory this command wrote before (its manifest / marker file), never for a user's folder.
+    """
+
+    what: str
+    command: str
+    is_previous: Callable[[Path], bool]
+
+
+def json_marker(name: str, *keys: str, **equals: Any) -> Callable[[Path], bool]:
+    """A predicate: ``dir/name`` is a JSON object holding ``keys`` and the ``equals`` values."""
+
+    def check(directory: Path) -> bool:
+        try:
+            data = json.loads((Path(directory) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and all(k in data for k in keys) and \
+            all(data.get(k) == v for k, v in equals.items())
+
+    return check
+
+
+def _overlap(out: Path, inp: Path) -> str | None:
+    if out == inp:
+        return "is"
+    if inp.is_relative_to(out):
+        return "contains"
+    if out.is_relative_to(inp):
+        return "is inside"
+    return None
+
+
+def check_output_dir(path: str | os.PathLike, kind: OutputKind, *, overwrite: bool = False, resume: bool = False,
+                     inputs: Sequence[str | os.PathLike | None] = (), flag: str = "--out") -> str:
+    """Decide whether ``path`` may receive ``kind``'s output, before any work starts.
+
+    Returns ``"new"`` (absent), ``"empty"`` (an empty directory) or ``"previous"`` (a previous output
+    of the same command: resumed when ``resume``, replaced only with ``overwrite``). Everything else
+    is refused naming the path: a file, a folder of other files (even with ``overwrite``), and a path
+    that is, contains or lies inside one of ``inputs`` (the store, the model, the corpus ...).
+    """
+    path = Path(path)
+    resolved = path.expanduser().resolve()
+    for inp in inputs:
+        if inp is None or not Path(inp).expanduser().exists():
+            continue
+        relation = _overlap(resolved, Path(inp).expanduser().resolve())
+        if relation is not None:
+            raise PragError(f"{flag} {path} {relation} the input {inp}; writing there could destroy it. "
+                            f"Choose an {flag} outside every input")
+    if not path.exists():
+        return "new"
+    if not path.is_dir():
+        raise PragError(f"{flag} {path} exists and is not a directory; refusing to replace it with {kind.what}. "
+                        f"Choose another {flag}")
+    if not any(path.iterdir()):
+        return "empty"
+    if kind.is_previous(path):
+        if resume or overwrite:
+            return "previous"
+        raise PragError(f"{flag} {path} already holds {kind.what} from a previous '{kind.command}'; pass "
+                        f"--overwrite to replace it, or choose another {flag}")
+    shown = ", ".join(sorted(p.name for p in path.iterdir())[:3])
+    raise PragError(f"{flag} {path} is a non-empty directory that is not {kind.what} (it holds {shown} ...); "
+                    f"refusing to overwrite it (--overwrite only replaces a previous output of '{kind.command}'). "
+                    f"Choose another {flag}")
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first: what creating it would add."""
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_created(created: list[Path], keep: Callable[[Path], bool] = lambda p: False) -> None:
+    """Undo directory creation: the deepest (``created[0]``) with its contents unless ``keep`` says it is
+    worth resuming, then its ancestors only while they are empty."""
+    if not created:
+        return
+    first = created[0]
+    if first.is_dir() and not keep(first):
+        shutil.rmtree(first, ignore_errors=True)
+    for p in created[1:]:
+        with contextlib.suppress(OSError):
+            p.rmdir()  # fails (and is kept) when not empty
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, kind: OutputKind, *, overwrite: bool = False,
+                      inputs: Sequence[str | os.PathLike | None] = (), flag: str = "--out") -> Iterator[Path]:
+    """``check_output_dir`` + ``atomic_dir``: build ``kind``'s output under a temporary name; it replaces
+    ``path`` only if the block succeeds. A failure leaves no trace, not even parent folders it created."""
+    path = Path(path)
+    check_output_dir(path, kind, overwrite=overwrite, inputs=inputs, flag=flag)
+    created = _missing_dirs(path.parent)
+    try:
+        ensure_writable_dir(path.parent, f"parent directory of {flag}")
+        with atomic_dir(path) as tmp:
+            yield tmp
+    except BaseException:
+        _remove_created(created)
+        raise
+
+
+@contextlib.contextmanager
+def resumable_output_dir(path: str | os.PathLike, kind: OutputKind, *,
+                         inputs: Sequence[str | os.PathLike | None] = (), flag: str = "--out",
+                         what: str = "output directory") -> Iterator[Path]:
+    """For commands that write *into* ``path`` and resume (encode, eval): a previous output is reused,
+    anything foreign refused. On failure, folders this call created are removed unless they hold a
+    resumable output (``kind.is_previous``); a folder that existed before is never removed."""
+    path = Path(path)
+    check_output_dir(path, kind, resume=True, inputs=inputs, flag=flag)
+    created = _missing_dirs(path)
+    try:
+        yield ensure_writable_dir(path, what)
+    except BaseException:
+        _remove_created(created, keep=kind.is_previous)
+        raise
