@@ -98,7 +98,8 @@ def test_manifest_contents(tmp_path):
     # per-document checksums live in the index, next to each doc's (shard, row)
     rows = sqlite3.connect(tmp_path / "s" / "index.sqlite").execute(
         "SELECT doc_id, row, length(checksum) FROM docs ORDER BY row").fetchall()
-    assert rows == [("d1", 0, 64), ("d2", 1, 64)]
+    assert rows == [("d1", 0, 8), ("d2", 1, 8)]  # crc32 hex (format version 2; version 1 had sha256)
+    assert m["checksum_algorithm"] == "crc32" and m["format_version"] == 2
 
 
 def test_mismatch_errors_and_single_writer(tmp_path):
