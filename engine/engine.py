@@ -103,6 +103,9 @@ class EngineConfig:
     # one thread builds ~250 adapters/s, far more than a CPU model answers); 4 with a GPU.
     prepare_threads: int | None = None
     check_store_model: bool = True  # refuse a store built for another base model
+    # check every adapter row read from the store (checksum + finite values) before it reaches vLLM: a bad
+    # row fails only the questions that need it (CorruptAdapterError), instead of NaN leaking into the batch
+    verify_rows: bool = True
 
     def resolved_prepare_threads(self) -> int:
         if self.prepare_threads is not None:
@@ -296,7 +299,7 @@ class Engine:
         doc_ids = list(key[0])
 
         def build() -> MergedAdapter:
-            return self._row_merge(len(doc_ids))(self.store.get_rows(doc_ids))
+            return self._row_merge(len(doc_ids))(self.store.get_rows(doc_ids, verify=self.config.verify_rows))
 
         return self.cache.get_or_build(key, build, pin=True)
 
