@@ -201,9 +201,9 @@ class Engine:
         """``index``: a ``retrieval.Retriever`` or an index directory; ``store``: an ``AdapterStore``
         or its directory; ``llm``: an existing ``vllm.LLM`` to reuse (else one is built);
         ``documents``: doc id -> text (or ``Document``) for passages when there is no index."""
-        from offline_encode.store import resolve_model_dir
+        from prag.model_files import check_model_dir
 
-        resolve_model_dir(model)  # a clear PragError for a missing model, before anything slow
+        check_model_dir(model)  # missing model, truncated weights or no tokenizer: a named error before vLLM
         self.model = str(model)
         self.config = config or EngineConfig()
         self.prompt_cfg = self.config.resolved_prompt()
