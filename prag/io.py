@@ -111,23 +111,31 @@ def open_text(path: str | os.PathLike):
     return open(path, encoding="utf-8")
 
 
-def iter_jsonl(path: str | os.PathLike, what: str = "JSONL file",
-               allow_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
-    """Stream ``(line_number, record)`` pairs; a malformed line raises naming file and line.
+def iter_jsonl(path: str | os.PathLike, what: str = "JSONL file", allow_torn_tail: bool = False,
+               on_torn_tail: Callable[[int], None] | None = None) -> Iterator[tuple[int, dict]]:
+    """Stream ``(line_number, record)`` pairs; a malformed or non-UTF-8 line raises naming file and line.
 
     ``allow_torn_tail``: a malformed *last* line without its newline (a writer still appending, or
-    killed mid-line) ends the stream instead of raising; files we append to are read this way.
+    killed mid-line, maybe inside a multi-byte character) ends the stream instead of raising; files we
+    append to are read this way. ``on_torn_tail(line_number)`` is called then, so callers can warn.
     """
     path = check_readable(path, what)
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+    # Bytes, decoded line by line: a text stream decodes in blocks and cannot say which line is bad
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fh:
+        for lineno, raw in enumerate(fh, start=1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if allow_torn_tail and not line.endswith("\n"):
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                if allow_torn_tail and not raw.endswith(b"\n"):
+                    if on_torn_tail is not None:
+                        on_torn_tail(lineno)
                     return
+                if isinstance(exc, UnicodeDecodeError):
+                    raise PragError(f"{path}:{lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                    f"{exc.start + 1}); save the file as UTF-8") from None
                 raise PragError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
             if not isinstance(record, dict):
                 raise PragError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
