@@ -254,3 +254,22 @@ def test_iter_augmented_ignores_a_torn_tail_only(tmp_path):
     assert record_problem(rec) == "no QA pairs ('qa' missing or empty)"
     assert record_problem(dict(rec, qa=[{"question": "q", "answer": "a", "full_answer": "f"}], passage=" ")) \
         == "missing or empty 'passage'"
+
+
+def test_rule_questions_never_keep_a_fronted_time_phrase_in_the_subject():
+    """'In 1715, X was born in Y.' once gave 'Where was In 1715, X born?'."""
+    from offline_encode.augment.rule import unfront_adverbial
+
+    assert unfront_adverbial("In 1715, Johann Bergmann was born in Leipzig.") == \
+        "Johann Bergmann was born in Leipzig in 1715."
+    assert unfront_adverbial("On May 3, 1901, she died.") == "She died on May 3, 1901."
+    assert unfront_adverbial("Johann Bergmann was born in Leipzig.") == "Johann Bergmann was born in Leipzig."
+    doc = Document("b", "In 1715, Johann Bergmann was born in Leipzig. During the war, he died in Paris in 1780.",
+                   "Johann Bergmann")
+    rec = RuleAugmenter(RuleAugmenterConfig(n_qa=7)).augment_one(doc)
+    qa = {q["question"]: q["answer"] for q in rec["qa"]}
+    assert qa["When was Johann Bergmann born?"] == "1715"
+    assert qa["Where was Johann Bergmann born?"] == "Leipzig"
+    assert qa["When did Johann Bergmann die?"] == "1780"
+    for q in qa:  # no question carries a fronted phrase or a comma-spliced clause
+        assert not any(f" {w} " in q for w in ("In", "On", "During")) and ", " not in q, q

@@ -235,6 +235,24 @@ def resolve_pronoun(sentence: str, entity: str | None, person: bool = True) -> s
     return sentence
 
 
+_FRONTED = re.compile(
+    rf"(?P<adv>(?:In|On|During|After|Before|By|Since|Until|From|At|Around|Following|Throughout|Between) "
+    rf"(?:{_DATE}|[^,;:()\"]{{1,60}}?)), (?P<body>\S.*?)(?P<end>[.!?]?)$")
+
+
+def unfront_adverbial(sentence: str) -> str:
+    """'In 1715, X was born in Y.' -> 'X was born in Y in 1715.' (the clause move keeps every word).
+
+    Question templates read "<subject> <verb> ..." from the start of a sentence; a fronted
+    adverbial would become part of the subject ("Where was In 1715, X born?").
+    """
+    m = _FRONTED.match(sentence)
+    if not m or len(m.group("adv").split()) > 7:
+        return sentence
+    body, adv = m.group("body"), m.group("adv")
+    return f"{body[:1].upper()}{body[1:]} {adv[:1].lower()}{adv[1:]}{m.group('end')}"
+
+
 def is_person(entity: str, passage: str) -> bool:
     tokens = entity.split()
     return (2 <= len(tokens) <= 4 and all(t[0].isupper() for t in tokens)
@@ -500,7 +518,7 @@ class RuleAugmenter:
         known = known_capitals(sentences) + ((title,) + tuple(title.split()) if title in text else ())
         entity = main_entity(title if title in text else "", sentences, known)
         person = bool(entity) and is_person(entity, passage)
-        resolved = [resolve_pronoun(s, entity, person) for s in sentences]
+        resolved = [resolve_pronoun(unfront_adverbial(s), entity, person) for s in sentences]
         qa = select_qa(qa_candidates(resolved, passage, known), self.cfg.n_qa)
         qa = [c for c in qa if c.answer in passage]  # answers are spans of the passage, always
         rewrites = [prefix + make_rewrite(sentences, entity, person, v) for v in range(self.cfg.n_rewrites)]
