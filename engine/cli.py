@@ -87,7 +87,8 @@ def register(sub) -> None:
     p.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names())}")
     p.add_argument("--data", required=True, help="the dataset file (or the folder it unpacks into)")
     p.add_argument("--modes", default="none,rag,prag,combine", help="comma-separated (default all four)")
-    p.add_argument("--out", required=True, help="output directory; rerun the same command to resume")
+    p.add_argument("--out", required=True, help="output directory: new, empty, or a previous eval run, which "
+                   "is resumed (rerun the same command); any other folder is refused")
     p.add_argument("--limit", type=int, help="evaluate only the first N questions (the paper's --sample)")
     p.add_argument("--batch-size", type=int, default=256, help="questions per engine call / checkpoint (256)")
     add_engine_flags(p)

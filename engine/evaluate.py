@@ -32,13 +32,16 @@ from engine.datasets import Example, load_dataset, resolve_dataset_name
 from engine.engine import ADAPTER_MODES, Answer, Engine, EngineConfig, parse_modes
 from engine.scoring import Score, mean_scores, score
 from prag.errors import PragError
-from prag.io import atomic_write_json, atomic_write_text, ensure_writable_dir, read_json
+from prag.io import (OutputKind, atomic_write_json, atomic_write_text, check_output_dir, ensure_writable_dir,
+                     json_marker, read_json)
 
 PREDICTIONS = "predictions.jsonl"
 TIMING = "timing.json"
 CONFIG = "config.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+# --out: a previous evaluation (its config.json) is resumed; any other non-empty folder is refused
+EVAL_OUTPUT = OutputKind("an evaluation run", "prag eval", json_marker(CONFIG, "dataset", "top_k", "prompt"))
 
 
 @dataclass
@@ -218,6 +221,7 @@ def check_inputs(cfg: EvalConfig) -> list[str]:
     for what, p in (("--index", cfg.index), ("--store", cfg.store)):
         if p and not Path(p).is_dir():
             raise PragError(f"{what} directory not found: {p}")
+    check_output_dir(cfg.out, EVAL_OUTPUT, resume=True, inputs=(cfg.model or None, cfg.index, cfg.store, cfg.data))
     ensure_writable_dir(cfg.out)
     return modes
 

@@ -9,6 +9,7 @@ def register(sub) -> None:
     _register_augment(sub)
     _register_encode(sub)
     _register_export_adapter(sub)
+    _register_store(sub)
 
 
 # --- prag encode / export-adapter (owned by the store + encode work) ---
@@ -42,6 +43,14 @@ def _encode(args: argparse.Namespace) -> int:
         atomic_write_json(args.summary_json, summary.to_dict())
     elif args.json:
         print(json.dumps(summary.to_dict()))
+    if summary.failed:
+        import sys
+
+        from offline_encode.encode import EXIT_DOCS_FAILED
+
+        print(f"prag encode: error: {summary.n_failed} document(s) failed and were not stored "
+              f"({'; '.join(summary.failed)}); exit status {EXIT_DOCS_FAILED}", file=sys.stderr)
+        return EXIT_DOCS_FAILED
     return 0
 
 
@@ -49,10 +58,12 @@ def _register_encode(sub) -> None:
     from offline_encode.config import EncodeConfig
 
     d = EncodeConfig()
-    p = sub.add_parser("encode", help="train one LoRA adapter per document into an adapter store (resumable)")
+    p = sub.add_parser("encode", help="train one LoRA adapter per document into an adapter store (resumable); "
+                       "exit status 3 when some documents failed (diverged) and were not stored")
     p.add_argument("--augmented", required=True, help="augmented JSONL from `prag augment`")
     p.add_argument("--model", required=True, help="base model directory (Hugging Face format, safetensors)")
-    p.add_argument("--out", required=True, help="adapter store directory; rerunning resumes, skipping encoded docs")
+    p.add_argument("--out", required=True, help="adapter store directory: new, empty, or a store to resume "
+                   "(rerunning skips encoded docs); any other folder is refused")
     p.add_argument("--ray-address", help="run on Ray: a cluster address (host:port or ray://host:port), "
                    "'auto' (the cluster of this machine, e.g. under `ray job submit`) or 'local' (start one here)")
     p.add_argument("--ray-num-cpus", type=int, help="with --ray-address local: CPUs of the local cluster")
@@ -91,7 +102,7 @@ def _register_encode(sub) -> None:
 def _export_adapter(args: argparse.Namespace) -> int:
     from offline_encode.export import export_adapter
 
-    out = export_adapter(args.store, args.doc_id, args.out, dtype=args.dtype)
+    out = export_adapter(args.store, args.doc_id, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote PEFT adapter for doc id {args.doc_id!r} to {out}")
     return 0
 
@@ -100,7 +111,9 @@ def _register_export_adapter(sub) -> None:
     p = sub.add_parser("export-adapter", help="export one document's adapter as a PEFT directory (PEFT and vLLM load it)")
     p.add_argument("--store", required=True, help="adapter store directory")
     p.add_argument("--doc-id", required=True, help="document id")
-    p.add_argument("--out", required=True, help="output directory (written atomically; replaced if it exists)")
+    p.add_argument("--out", required=True, help="output directory, written atomically; must be new or empty, or a "
+                   "previous export with --overwrite (a folder of other files, or one holding the store, is refused)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous export at --out")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="tensor dtype in the exported file (default: float32)")
     p.set_defaults(func=_export_adapter)
@@ -170,3 +183,28 @@ def _register_augment(sub) -> None:
     p.add_argument("--ray-max-actors", type=int, help="at most this many augmenter actors (one per GPU by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_augment)
+
+
+# --- prag store verify (owned by the store-integrity work) ---
+def _store_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from offline_encode.store import verify_store
+
+    report = verify_store(args.store, drop_bad=args.drop_bad)
+    print(report.format())
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    return 0 if report.ok else 1
+
+
+def _register_store(sub) -> None:
+    p = sub.add_parser("store", help="check and repair an adapter store")
+    actions = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    v = actions.add_parser("verify", help="check every row (checksum + finite values), every shard file, the index "
+                           "and the manifest; exits 1 naming the bad documents")
+    v.add_argument("--store", required=True, help="adapter store directory")
+    v.add_argument("--drop-bad", action="store_true",
+                   help="drop the bad documents from the index, so rerunning the same `prag encode` re-encodes them")
+    v.add_argument("--json", action="store_true", help="also print the report as one JSON line")
+    v.set_defaults(func=_store_verify)

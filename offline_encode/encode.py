@@ -7,11 +7,17 @@ A worker (in-process, or one Ray actor per GPU / per N CPUs) loads the base mode
 paper's training sequences, trains with ``BatchedLoraTrainer`` and writes a shard file; only the
 driver commits shards to the store's index, so the store has a single writer and every committed
 document is complete. Rerunning the same command skips committed documents.
+
+A document whose training diverged (non-finite loss, gradient or weights, or weights that overflow the
+storage dtype) is never stored: it is counted as failed with its reason, the CLI exits with
+``EXIT_DOCS_FAILED``, and since it is not in the store a rerun trains it again (and, training being
+deterministic, reports it again unless the settings changed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections import Counter
@@ -24,11 +30,28 @@ from offline_encode.config import EncodeConfig
 from offline_encode.ray_jobs import RayOptions, WorkerPool, chunked, ray_session
 from offline_encode.store import AdapterStore, Layout, ShardMeta, StoreSpec, model_fingerprint, write_shard_file
 from prag.errors import PragError
-from prag.io import check_readable, ensure_writable_dir, iter_jsonl, read_json, sha256_file
+from prag.io import OutputKind, check_readable, iter_jsonl, json_marker, read_json, resumable_output_dir, sha256_file
+from prag.model_files import check_model_dir
 from prag.prompt import PromptConfig
 
 ALREADY = "already in the store"
+# --out: an existing adapter store is resumed; any other non-empty folder is refused
+STORE_OUTPUT = OutputKind("an adapter store", "prag encode", json_marker("manifest.json", format="prag-adapter-store"))
 DEFAULT_SHARD_DOCS = 256
+EXIT_DOCS_FAILED = 3  # `prag encode`'s exit status when the run finished but some documents failed
+TORN_LINE = "torn last line (no newline, not valid JSON: its writer was interrupted)"
+
+
+def storage_overflow(adapter: dict, storage_dtype: str) -> tuple[str, str] | None:
+    """(reason, detail) when finite fp32 weights would become inf in ``storage_dtype`` (float16 stops at 65504)."""
+    import torch
+
+    dtype = getattr(torch, storage_dtype)
+    for key, tensor in adapter.items():
+        if not bool(torch.isfinite(tensor.to(dtype)).all()):
+            return (f"adapter weights overflow the storage dtype {storage_dtype}",
+                    f"{key}: max |w| {tensor.abs().max().item():.3g}")
+    return None
 
 
 @dataclass
@@ -42,6 +65,8 @@ class EncodeSummary:
     already_encoded: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)  # reason -> documents trained but not stored
+    failed_docs: dict[str, list[str]] = field(default_factory=dict)  # doc_id -> [reason, detail]
     docs_in_store: int = 0
     shards_written: int = 0
     bytes_per_doc: int = 0
@@ -50,6 +75,14 @@ class EncodeSummary:
     train_seconds: float = 0.0
     workers: int = 1
     ray_address: str | None = None
+
+    @property
+    def n_failed(self) -> int:
+        return sum(self.failed.values())
+
+    def add_failure(self, doc_id: str, reason: str, detail: str = "") -> None:
+        self.failed[reason] = self.failed.get(reason, 0) + 1
+        self.failed_docs[doc_id] = [reason, detail]
 
     @property
     def docs_per_s(self) -> float:
@@ -67,6 +100,12 @@ class EncodeSummary:
         for reason, count in sorted(self.skipped.items(), key=lambda kv: -kv[1]):
             examples = ", ".join(self.skipped_examples.get(reason, []))
             lines.append(f"  skipped {count}: {reason}" + (f" (e.g. {examples})" if examples else ""))
+        for reason, count in sorted(self.failed.items(), key=lambda kv: -kv[1]):
+            examples = [f"doc_id {d!r} {detail}".rstrip() for d, (r, detail) in self.failed_docs.items()
+                        if r == reason][:3]
+            lines.append(f"  FAILED {count} (not stored): {reason}; e.g. {', '.join(examples)}")
+        if self.failed:
+            lines.append(f"  {self.n_failed} document(s) failed and were not stored; a rerun trains them again")
         lines.append(f"  {self.bytes_per_doc:,} bytes per document ({self.storage_dtype})")
         where = f"Ray at {self.ray_address}, {self.workers} worker(s)" if self.ray_address else "in-process"
         lines.append(f"  {self.seconds:.1f} s total, {self.docs_per_s:.2f} docs/s ({where})")
@@ -88,7 +127,13 @@ def _classify(augmented: Path, store: AdapterStore | None, summary: EncodeSummar
     seen: set[str] = set()
     plan = _Plan([], set(), set())
     skipped: Counter[str] = Counter()
-    for lineno, record in iter_jsonl(augmented, "augmented file", allow_torn_tail=True):
+    def torn(lineno: int) -> None:
+        print(f"warning: {augmented}:{lineno}: {TORN_LINE}; that record is skipped (rerun `prag augment` to "
+              f"complete the file)", file=sys.stderr)
+        skipped[TORN_LINE] += 1
+        summary.skipped_examples.setdefault(TORN_LINE, []).append(f"line {lineno}")
+
+    for lineno, record in iter_jsonl(augmented, "augmented file", allow_torn_tail=True, on_torn_tail=torn):
         summary.records += 1
         reason = record_problem(record)
         doc_id = record_doc_id(record)
@@ -159,8 +204,12 @@ class EncodeWorker:
         with self._train_lock:
             return self._get_trainer().init_adapter
 
-    def encode_shard(self, records: list[dict]) -> tuple[ShardMeta, float]:
-        """Train a shard's documents and write its shard file (not committed: the driver does that)."""
+    def encode_shard(self, records: list[dict]) -> tuple[ShardMeta | None, float, list[tuple[str, str, str]]]:
+        """Train a shard's documents and write its shard file (not committed: the driver does that).
+
+        Returns the shard (None when every document failed), the training seconds and the failed
+        documents as ``(doc_id, reason, detail)``; a failed document's adapter is left out of the shard.
+        """
         from offline_encode.training_data import build_training_sequences
 
         with self._train_lock:
@@ -173,9 +222,17 @@ class EncodeWorker:
             start = time.perf_counter()
             adapters = trainer.train(docs)
             seconds = time.perf_counter() - start
+            failed = {i: (f.reason, f.detail) for i, f in trainer.last_stats.failed.items()}
+        for i, adapter in enumerate(adapters):
+            if i not in failed and (overflow := storage_overflow(adapter, self.cfg.storage_dtype)) is not None:
+                failed[i] = overflow
+        failures = [(records[i]["doc_id"], *failed[i]) for i in sorted(failed)]
+        keep = [i for i in range(len(records)) if i not in failed]
+        if not keep:
+            return None, seconds, failures
         meta = write_shard_file(self.store_dir, self._layout, self.cfg.storage_dtype,  # overlaps the next train
-                                [r["doc_id"] for r in records], adapters)
-        return meta, seconds
+                                [records[i]["doc_id"] for i in keep], [adapters[i] for i in keep])
+        return meta, seconds, failures
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,14 +249,25 @@ def encode_corpus(augmented_path: str | Path, model: str | Path, store_dir: str 
     so that every worker gets shards); a killed run loses at most the shards in flight. ``ray_address``
     (``host:port``, ``ray://...``, ``auto`` or ``local``) runs the shards on Ray actors; the
     store directory must then be on a filesystem every node can write.
+
+    ``store_dir`` must be new, empty or an adapter store (resumed); a failed run that created it
+    removes it again unless it already holds a store (then rerunning resumes).
     """
     started = time.perf_counter()
     augmented = check_readable(augmented_path, "augmented file")
-    store_dir = ensure_writable_dir(store_dir, "adapter store directory (--out)")
-    if cfg.storage_dtype not in ("float32", "bfloat16", "float16"):
-        raise PragError(f"--storage-dtype must be float32, bfloat16 or float16, got {cfg.storage_dtype!r}")
-    if cfg.rank < 1 or cfg.epochs < 1 or cfg.docs_per_step < 1:
-        raise PragError("--rank, --epochs and --docs-per-step must be at least 1")
+    if docs_per_shard is not None and (isinstance(docs_per_shard, bool) or not isinstance(docs_per_shard, int)
+                                       or docs_per_shard < 1):
+        raise PragError(f"--docs-per-shard must be a whole number >= 1, got {docs_per_shard!r}")
+    check_model_dir(model)  # a truncated weight file or no tokenizer: a named error before any work
+    with resumable_output_dir(store_dir, STORE_OUTPUT, inputs=(augmented, model),
+                              what="adapter store directory (--out)") as store_dir:
+        return _encode_corpus(augmented, model, store_dir, cfg, ray_address, progress, docs_per_shard, prompt_cfg,
+                              ray_opts, started)
+
+
+def _encode_corpus(augmented: Path, model: str | Path, store_dir: Path, cfg: EncodeConfig, ray_address: str | None,
+                   progress: bool, docs_per_shard: int | None, prompt_cfg: PromptConfig, ray_opts: RayOptions | None,
+                   started: float) -> EncodeSummary:
     shard_docs = max(docs_per_shard or DEFAULT_SHARD_DOCS, 1)
     summary = EncodeSummary(augmented=str(augmented), store=str(store_dir), storage_dtype=cfg.storage_dtype,
                             ray_address=ray_address)
@@ -213,6 +281,10 @@ def encode_corpus(augmented_path: str | Path, model: str | Path, store_dir: str 
         store = AdapterStore.create_or_open(store_dir, spec)  # checks model / rank / targets / config
     try:
         plan = _classify(augmented, store, summary)
+        if store is None and not plan.pending_lines:
+            reasons = "; ".join(f"{n} {r}" for r, n in sorted(summary.skipped.items(), key=lambda kv: -kv[1]))
+            raise PragError(f"{augmented}: no trainable records ({summary.records} read"
+                            + (f"; skipped: {reasons}" if reasons else "") + "); no adapter store was created")
         spec.augmentation = {"path": str(augmented.resolve()), "sha256": sha256_file(augmented),
                              "augmenter": sorted(plan.augmenters), "model": sorted(plan.models)}
         if store is not None:
@@ -272,13 +344,16 @@ def _run_shards(pool: WorkerPool, store: AdapterStore, augmented: Path, plan: _P
         bar = tqdm(total=n_pending, desc="encode", unit="doc")
     try:
         shards = chunked(_pending_records(augmented, plan.pending_lines), shard_docs)
-        for _, (meta, train_seconds) in pool.map("encode_shard", shards):
-            store.commit_shard(meta)
-            summary.trained += len(meta.doc_ids)
-            summary.shards_written += 1
+        for _, (meta, train_seconds, failures) in pool.map("encode_shard", shards):
+            if meta is not None:
+                store.commit_shard(meta)
+                summary.trained += len(meta.doc_ids)
+                summary.shards_written += 1
             summary.train_seconds += train_seconds
+            for doc_id, reason, detail in failures:
+                summary.add_failure(doc_id, reason, detail)
             if bar is not None:
-                bar.update(len(meta.doc_ids))
+                bar.update((len(meta.doc_ids) if meta is not None else 0) + len(failures))
     finally:
         if bar is not None:
             bar.close()

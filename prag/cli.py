@@ -16,7 +16,8 @@ from prag.errors import PragError
 def _fixture_model(args: argparse.Namespace) -> int:
     from prag.fixture_model import build_fixture_model, parameter_count
 
-    out = build_fixture_model(args.out, size=args.size, corpus=args.corpus, seed=args.seed)
+    out = build_fixture_model(args.out, size=args.size, corpus=args.corpus, seed=args.seed,
+                              overwrite=args.overwrite)
     print(f"wrote {args.size} fixture model ({parameter_count(out):,} parameters) to {out}")
     return 0
 
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fixture-model", help="build a small local Llama-architecture model + tokenizer (no network)")
     p.add_argument("--size", choices=["tiny", "small"], default="tiny",
                    help="tiny: ~0.6M parameters (tests); small: ~35M (CPU benchmarks). Default: tiny")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", required=True, help="output directory (written atomically); must be new or empty, "
+                   "or a previous fixture model with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous fixture model at --out (never a folder of other files)")
     p.add_argument("--corpus", help="train the tokenizer on this corpus (JSONL or DPR TSV) as well as the built-in text")
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     p.set_defaults(func=_fixture_model)

@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from prag.errors import PragError
-from prag.io import atomic_dir, atomic_write_json
+from prag.io import OutputKind, atomic_output_dir, atomic_write_json, check_output_dir, json_marker
 from prag.prompt import DEFAULT_COT_USER_TEMPLATE, DEFAULT_USER_TEMPLATE
+
+FIXTURE_FILE = "fixture.json"
+# only a folder holding our fixture.json is a previous fixture model; --overwrite never replaces anything else
+FIXTURE_OUTPUT = OutputKind("a fixture model", "prag fixture-model", json_marker(FIXTURE_FILE, "size", "parameters"))
 
 BOS, EOS, PAD, UNK = "<s>", "<|end|>", "<pad>", "<unk>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -101,14 +105,19 @@ def _corpus_texts(corpus: str | Path) -> Iterator[str]:
 
 
 def build_fixture_model(out_dir: str | Path, size: str = "tiny", corpus: str | Path | None = None,
-                        seed: int = 0, extra_texts: Iterable[str] = ()) -> Path:
-    """Write a HF-format Llama model + tokenizer to ``out_dir`` (atomically) and return the path."""
+                        seed: int = 0, extra_texts: Iterable[str] = (), overwrite: bool = False) -> Path:
+    """Write a HF-format Llama model + tokenizer to ``out_dir`` (atomically) and return the path.
+
+    ``out_dir`` must be new or empty; a previous fixture model is replaced only with ``overwrite``,
+    and any other folder or file is refused (never deleted).
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     if size not in SIZES:
         raise PragError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
     spec = SIZES[size]
+    check_output_dir(out_dir, FIXTURE_OUTPUT, overwrite=overwrite, inputs=(corpus,))  # before the slow part
     texts = list(BUILTIN_TEXT) + list(extra_texts)
     if corpus is not None:
         texts += list(_corpus_texts(corpus))
@@ -139,13 +148,13 @@ def build_fixture_model(out_dir: str | Path, size: str = "tiny", corpus: str | P
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False,
     )
-    with atomic_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, FIXTURE_OUTPUT, overwrite=overwrite, inputs=(corpus,)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "fixture.json", {"size": size, "seed": seed, **asdict(spec),
+        atomic_write_json(tmp / FIXTURE_FILE, {"size": size, "seed": seed, **asdict(spec),
                                                  "parameters": sum(p.numel() for p in model.parameters())})
     return Path(out_dir)
 
 
 def parameter_count(model_dir: str | Path) -> int:
-    return json.loads((Path(model_dir) / "fixture.json").read_text())["parameters"]
+    return json.loads((Path(model_dir) / FIXTURE_FILE).read_text())["parameters"]

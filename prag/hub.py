@@ -54,6 +54,7 @@ def resolve_local_model(name: str | os.PathLike, *, what: str = "model", probe_f
         return snapshot
     if allow_download and not hub_offline():
         return None
-    reason = "HF_HUB_OFFLINE=1 forbids downloads" if allow_download else "downloads are off by default"
+    reason = ("HF_HUB_OFFLINE=1 forbids downloads" if allow_download
+              else "downloads are off by default" if flag else "this command never downloads models")
     raise PragError(f"{what} not found: {name} is neither a local directory nor a model in the Hugging Face "
                     f"cache, and {reason}; {download_hint(str(name), flag if not hub_offline() else None)}")

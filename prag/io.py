@@ -284,6 +284,19 @@ def check_output_dir(path: str | os.PathLike, kind: OutputKind, *, overwrite: bo
                     f"Choose another {flag}")
 
 
+def check_output_file(path: str | os.PathLike, inputs: Sequence[str | os.PathLike | None],
+                      flag: str = "--out") -> Path:
+    """An output *file* must not be, or lie inside, an input (the queries file, the corpus, an index)."""
+    path = Path(path)
+    resolved = path.expanduser().resolve()
+    for inp in inputs:
+        if inp is not None and Path(inp).expanduser().exists() and \
+                _overlap(resolved, Path(inp).expanduser().resolve()) in ("is", "is inside"):
+            raise PragError(f"{flag} {path} {_overlap(resolved, Path(inp).expanduser().resolve())} the input {inp}; "
+                            f"writing there would destroy it. Choose another {flag}")
+    return path
+
+
 def _missing_dirs(path: Path) -> list[Path]:
     """``path`` and its ancestors that do not exist yet, deepest first: what creating it would add."""
     missing = []

@@ -1,4 +1,4 @@
-"""``prag index build|search``: flags -> typed config -> one library call."""
+"""``prag index build|search|verify``: flags -> typed config -> one library call."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ def _build(args: argparse.Namespace) -> int:
     cfg = IndexConfig(index_type=args.index_type, embedder=args.embedder, device=args.device,
                       batch_size=args.batch_size, chunk_size=args.chunk_size, nlist=args.nlist, nprobe=args.nprobe,
                       train_size=args.train_size, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
-                      ef_search=args.ef_search, bm25=args.bm25)
-    result = build_index(args.corpus, args.out, cfg, progress=not args.quiet)
+                      ef_search=args.ef_search, bm25=args.bm25, allow_download=args.allow_download)
+    result = build_index(args.corpus, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     print(result.summary())
     return 0
 
@@ -26,22 +26,36 @@ def _search(args: argparse.Namespace) -> int:
 
     cfg = SearchConfig(index=args.index, queries=args.queries, out=args.out, k=args.k, method=args.method,
                        embedder=args.embedder, batch_size=args.batch_size, nprobe=args.nprobe,
-                       ef_search=args.ef_search, device=args.device)
+                       ef_search=args.ef_search, device=args.device, allow_download=args.allow_download)
     print(search_file(cfg).summary())
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from retrieval.index import check_verified, verify_index
+
+    report = verify_index(args.index)
+    print(report.summary())
+    check_verified(report)  # a PragError naming the damaged file: exit status 2
+    return 0
+
+
+_DOWNLOAD_HELP = ("let the embedder be downloaded from the Hugging Face hub when it is not a local path or in the "
+                  "local cache (default: fail at once, saying how to download it)")
 
 
 def register(sub) -> None:
     p = sub.add_parser("index", help="build or search a retrieval index (dense FAISS, optional BM25)",
                        description="Build an index directory from a corpus, or search one with a queries file.")
-    isub = p.add_subparsers(dest="index_command", required=True, metavar="{build,search}")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="{build,search,verify}")
 
     b = isub.add_parser(
         "build", help="embed a corpus into an index directory",
         description="Embed a corpus (JSONL {id, title?, text} or DPR TSV id\\ttext\\ttitle with header; .gz ok) "
-                    "into INDEX_DIR: FAISS inner-product index, SQLite doc store, manifest.json (and bm25/ with "
-                    "--bm25). The directory is built under a temporary name and appears only when complete; "
-                    "an existing index at --out is replaced. Empty texts are skipped and counted; duplicate "
+                    "into INDEX_DIR: FAISS inner-product index, SQLite doc store, manifest.json with every file's size and "
+                    "sha256 (and bm25/ with --bm25). The directory is built under a temporary name and appears only "
+                    "when complete; a failed build leaves nothing behind. --out must be new, empty, or a previous "
+                    "index replaced with --overwrite; any other folder is refused. Empty texts are skipped and counted; duplicate "
                     "ids and malformed lines are errors naming the file and line.")
     b.add_argument("--corpus", required=True, metavar="FILE", help="corpus file (.jsonl, .tsv, optionally .gz)")
     b.add_argument("--embedder", metavar="NAME", default=None,
@@ -50,7 +64,12 @@ def register(sub) -> None:
     b.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
                    help="flat: exact (default); hnsw: graph, fast approximate; ivf: inverted lists trained on a "
                         "sample, for big corpora")
-    b.add_argument("--out", required=True, metavar="INDEX_DIR", help="index directory to create or replace")
+    b.add_argument("--out", required=True, metavar="INDEX_DIR",
+                   help="index directory to create (new or empty; a previous index needs --overwrite)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace a previous index at --out (never a folder of other files); the old index stays "
+                        "until the new one is complete")
+    b.add_argument("--allow-download", action="store_true", help=_DOWNLOAD_HELP)
     b.add_argument("--bm25", action="store_true",
                    help="also build a BM25 index (enables --method bm25|hybrid; holds the corpus tokens in RAM "
                         "while building)")
@@ -88,4 +107,13 @@ def register(sub) -> None:
     s.add_argument("--nprobe", type=int, default=None, help="ivf: override the stored nprobe")
     s.add_argument("--ef-search", type=int, default=None, help="hnsw: override the stored efSearch")
     s.add_argument("--device", default=None, help="embedder device (default: cuda if available, else cpu)")
+    s.add_argument("--allow-download", action="store_true", help=_DOWNLOAD_HELP)
     s.set_defaults(func=_search)
+
+    v = isub.add_parser(
+        "verify", help="check every index file against the sha256 recorded at build time",
+        description="Read every file of INDEX_DIR in full and compare its size and sha256 with manifest.json; "
+                    "print a summary and exit with status 2 naming the first damaged file. Loading an index "
+                    "(search, eval, serve) does a cheap version of this check: sizes plus a sampled checksum.")
+    v.add_argument("--index", required=True, metavar="INDEX_DIR", help="index directory from 'prag index build'")
+    v.set_defaults(func=_verify)

@@ -9,13 +9,13 @@ aliases of one model compare equal when an index is loaded.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from prag.errors import PragError
+from prag.hub import hub_offline, resolve_local_model
 
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
@@ -50,8 +50,13 @@ def canonical_embedder_name(name: str | None) -> str:
     return name
 
 
-def _model_location(canonical: str) -> str:
-    return str(packaged_model_dir()) if canonical == DEFAULT_EMBEDDER else canonical
+def _model_location(canonical: str, allow_download: bool = False) -> tuple[str, bool]:
+    """Where to load ``canonical`` from, and whether that is local. Nothing touches the network unless
+    ``allow_download``: a hub name missing from the local cache fails at once saying how to get it."""
+    if canonical == DEFAULT_EMBEDDER:
+        return str(packaged_model_dir()), True
+    local = resolve_local_model(canonical, what="embedder", allow_download=allow_download)
+    return (str(local), True) if local is not None else (canonical, False)
 
 
 def default_device() -> str:
@@ -64,18 +69,18 @@ def default_device() -> str:
 class Embedder:
     """Encodes texts into L2-normalised float32 rows, so inner product == cosine similarity."""
 
-    def __init__(self, name: str | None = None, device: str | None = None, batch_size: int = 64) -> None:
+    def __init__(self, name: str | None = None, device: str | None = None, batch_size: int = 64,
+                 allow_download: bool = False) -> None:
         if batch_size <= 0:
             raise PragError(f"batch_size must be positive, got {batch_size}")
         self.name = canonical_embedder_name(name)
+        location, local = _model_location(self.name, allow_download)  # before torch: a bad name fails fast
         self.device = device or default_device()
         self.batch_size = batch_size
-        location = _model_location(self.name)
         from sentence_transformers import SentenceTransformer
 
         try:
-            self.model = SentenceTransformer(location, device=self.device,
-                                             local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+            self.model = SentenceTransformer(location, device=self.device, local_files_only=local or hub_offline())
         except (OSError, ValueError) as exc:
             raise PragError(f"cannot load embedder {name!r} ({location}): {exc}") from None
         dim = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \

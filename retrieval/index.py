@@ -30,15 +30,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from prag.errors import PragError
-from prag.io import atomic_dir, check_readable, ensure_writable_dir, sha256_file
+from prag.io import OutputKind, atomic_output_dir, check_output_dir, check_readable, json_marker, sha256_file
 from retrieval.corpus import CorpusStats, corpus_format, iter_corpus
 from retrieval.docstore import DOCSTORE_FILE, DocStore, write_docstore
 from retrieval.embed import Embedder, canonical_embedder_name, passage_text
-from retrieval.manifest import INDEX_TYPES, MANIFEST_FILE, Manifest, write_manifest
+from retrieval.manifest import (INDEX_TYPES, MANIFEST_FILE, FileCheck, Manifest, check_files, corruption_error,
+                                read_manifest, record_files, write_manifest)
 
 FAISS_FILE = "index.faiss"
 BUILDING_FILE = "BUILDING"
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS k-means warns and clusters badly
+# a previous index (its manifest) may be replaced with --overwrite; any other non-empty folder never
+INDEX_OUTPUT = OutputKind("an index", "prag index build", json_marker(MANIFEST_FILE, "embedder", "index_type", "count"))
 
 
 @dataclass
@@ -57,6 +60,7 @@ class IndexConfig:
     ef_construction: int = 200         # hnsw: build-time beam
     ef_search: int = 128               # hnsw: query-time beam (stored, overridable at load)
     bm25: bool = False                 # also build a bm25s index for --method bm25|hybrid
+    allow_download: bool = False       # fetch an embedder missing from the HF cache (else fail at once)
     seed: int = 0                      # ivf training sample
 
     def validate(self) -> None:
@@ -138,16 +142,6 @@ def add_vectors(index, chunks: Iterable[np.ndarray]) -> None:
         index.add(allvecs)
 
 
-def _check_output(out: Path) -> None:
-    """Replace only a previous index (or an empty dir): never wipe an unrelated directory."""
-    if out.exists():
-        if not out.is_dir():
-            raise PragError(f"--out {out} exists and is not a directory")
-        if any(out.iterdir()) and not (out / MANIFEST_FILE).exists():
-            raise PragError(f"--out {out} is a non-empty directory that is not an index; refusing to overwrite it")
-    ensure_writable_dir(out.parent, "index parent directory")
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -214,8 +208,12 @@ def _build_bm25(store: DocStore, out: Path, chunk: int, progress: bool = True) -
 
 
 def build_index(corpus: str | Path, out: str | Path, cfg: IndexConfig | None = None,
-                embedder: Embedder | None = None, progress: bool = True) -> BuildResult:
-    """Index ``corpus`` (JSONL / DPR TSV, optionally .gz) into the directory ``out``."""
+                embedder: Embedder | None = None, progress: bool = True, overwrite: bool = False) -> BuildResult:
+    """Index ``corpus`` (JSONL / DPR TSV, optionally .gz) into the directory ``out``.
+
+    ``out`` must be absent, empty, or (with ``overwrite``) a previous index; a failed build leaves
+    nothing behind, and a previous index stays untouched until the new one is complete.
+    """
     import faiss
 
     cfg = cfg or IndexConfig()
@@ -223,15 +221,16 @@ def build_index(corpus: str | Path, out: str | Path, cfg: IndexConfig | None = N
     corpus = check_readable(corpus, "corpus file")
     corpus_format(corpus)
     out = Path(out)
-    _check_output(out)
+    check_output_dir(out, INDEX_OUTPUT, overwrite=overwrite, inputs=(corpus,))  # before the slow embedder load
     remove_stale_builds(out)
     if embedder is None:
-        embedder = Embedder(cfg.embedder, device=cfg.device, batch_size=cfg.batch_size)
+        embedder = Embedder(cfg.embedder, device=cfg.device, batch_size=cfg.batch_size,
+                            allow_download=cfg.allow_download)
     elif cfg.embedder is not None and canonical_embedder_name(cfg.embedder) != embedder.name:
         raise PragError(f"embedder {embedder.name!r} does not match the configured {cfg.embedder!r}")
 
     start = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_output_dir(out, INDEX_OUTPUT, overwrite=overwrite, inputs=(corpus,)) as tmp:
         (tmp / BUILDING_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         stats = CorpusStats()
         # pass 1: parse + validate + store (duplicate ids fail here, before any embedding)
@@ -259,11 +258,47 @@ def build_index(corpus: str | Path, out: str | Path, cfg: IndexConfig | None = N
                 _build_bm25(store, tmp / "bm25", cfg.chunk_size, progress)
         finally:
             store.close()
+        (tmp / BUILDING_FILE).unlink()
         manifest = Manifest(
             embedder=embedder.name, dim=embedder.dim, index_type=cfg.index_type, count=n,
             corpus_sha256=sha256_file(corpus), corpus_path=str(corpus.resolve()),
             skipped_empty=stats.skipped_empty, index_params=params, bm25=cfg.bm25,
-            build_seconds=round(time.perf_counter() - start, 3))
-        (tmp / BUILDING_FILE).unlink()
+            build_seconds=round(time.perf_counter() - start, 3), files=record_files(tmp))
         write_manifest(tmp, manifest)
     return BuildResult(out=out, manifest=manifest, seconds=time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """``prag index verify``: every recorded file against its full sha256."""
+
+    index_dir: Path
+    checks: list[FileCheck]
+
+    @property
+    def bad(self) -> list[FileCheck]:
+        return [c for c in self.checks if c.problem]
+
+    def summary(self) -> str:
+        lines = [f"  {'BAD ' if c.problem else 'ok  '} {c.name} ({c.size:,} bytes)" + (f": {c.problem}" if c.problem else "")
+                 for c in self.checks]
+        total = sum(c.size for c in self.checks)
+        verdict = (f"index {self.index_dir}: {len(self.bad)} of {len(self.checks)} file(s) damaged" if self.bad else
+                   f"index {self.index_dir} verified: {len(self.checks)} file(s), {total:,} bytes, all sha256 match")
+        return "\n".join([verdict, *lines])
+
+
+def verify_index(index_dir: str | Path) -> VerifyReport:
+    """Full check: the sha256 of every index file against the manifest (reads every byte)."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    if not manifest.files:
+        raise PragError(f"index {index_dir} was built before file checksums were recorded, so it cannot be "
+                        "verified; rebuild it with 'prag index build' to make it verifiable")
+    return VerifyReport(index_dir, check_files(index_dir, manifest, full=True))
+
+
+def check_verified(report: VerifyReport) -> None:
+    """Raise the error naming the first damaged file, if any."""
+    if report.bad:
+        raise corruption_error(report.index_dir, report.bad)

@@ -14,7 +14,7 @@ from retrieval.docstore import DOCSTORE_FILE, DocStore
 from retrieval.embed import Embedder, canonical_embedder_name
 from retrieval.fusion import RRF_K, reciprocal_rank_fusion
 from retrieval.index import FAISS_FILE
-from retrieval.manifest import Manifest, read_manifest
+from retrieval.manifest import Manifest, check_at_load, read_manifest
 
 METHODS = ("dense", "bm25", "hybrid")
 HYBRID_DEPTH = 100  # candidates taken from each retriever before fusion
@@ -64,7 +64,7 @@ class Retriever:
     """Top-k passages for questions, over one index directory built by ``build_index``."""
 
     def __init__(self, index_dir: Path, manifest: Manifest, index, store: DocStore, embedder: Embedder | None,
-                 device: str | None, batch_size: int, bm25: _BM25 | None) -> None:
+                 device: str | None, batch_size: int, bm25: _BM25 | None, allow_download: bool = False) -> None:
         self.index_dir = index_dir
         self.manifest = manifest
         self.index = index
@@ -73,12 +73,18 @@ class Retriever:
         self._device = device
         self._batch_size = batch_size
         self._bm25 = bm25
+        self._allow_download = allow_download
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, index_dir: str | Path, embedder: str | Embedder | None = None, device: str | None = None,
-             batch_size: int = 64, nprobe: int | None = None, ef_search: int | None = None) -> "Retriever":
-        """Open ``index_dir``. An explicit ``embedder`` must be the one the index was built with."""
+             batch_size: int = 64, nprobe: int | None = None, ef_search: int | None = None,
+             allow_download: bool = False) -> "Retriever":
+        """Open ``index_dir``. An explicit ``embedder`` must be the one the index was built with.
+
+        Every index file is checked against the manifest first (sizes and sampled checksums, about
+        1 MiB read per file): a damaged index is refused naming the file, before FAISS parses it.
+        """
         import faiss
 
         index_dir = Path(index_dir)
@@ -92,6 +98,7 @@ class Retriever:
         for name in (FAISS_FILE, DOCSTORE_FILE):
             if not (index_dir / name).exists():
                 raise PragError(f"{index_dir} is not a complete index: {name} is missing; rebuild it")
+        check_at_load(index_dir, manifest)
         try:
             index = faiss.read_index(str(index_dir / FAISS_FILE))
         except RuntimeError as exc:
@@ -113,7 +120,7 @@ class Retriever:
                 raise PragError(f"{index_dir} is not a complete index: bm25/ is missing; rebuild it")
             bm25 = _BM25(index_dir / "bm25")
         return cls(index_dir, manifest, index, store, embedder if isinstance(embedder, Embedder) else None,
-                   device, batch_size, bm25)
+                   device, batch_size, bm25, allow_download=allow_download)
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -125,7 +132,8 @@ class Retriever:
         """Loaded on first dense query, so BM25-only use never pays for the model."""
         with self._lock:
             if self._embedder is None:
-                emb = Embedder(self.manifest.embedder, device=self._device, batch_size=self._batch_size)
+                emb = Embedder(self.manifest.embedder, device=self._device, batch_size=self._batch_size,
+                               allow_download=self._allow_download)
                 if emb.dim != self.manifest.dim:
                     raise PragError(f"embedder {emb.name!r} gives dimension {emb.dim}, the index has "
                                     f"{self.manifest.dim}; rebuild the index")

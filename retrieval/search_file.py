@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prag.errors import PragError
-from prag.io import atomic_write_jsonl, ensure_writable_dir, iter_jsonl
+from prag.io import atomic_write_jsonl, check_output_file, ensure_writable_dir, iter_jsonl
 from retrieval.retriever import METHODS, Retriever, check_k
 
 
@@ -29,6 +29,7 @@ class SearchConfig:
     nprobe: int | None = None      # ivf override
     ef_search: int | None = None   # hnsw override
     device: str | None = None
+    allow_download: bool = False   # fetch the index's embedder if it is not in the HF cache
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,10 @@ def search_file(cfg: SearchConfig) -> SearchResult:
     if cfg.method not in METHODS:
         raise PragError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     queries = read_queries(cfg.queries)
-    out = Path(cfg.out)
+    out = check_output_file(cfg.out, inputs=(cfg.queries, cfg.index))
     ensure_writable_dir(out.parent, "output directory")
     with Retriever.load(cfg.index, embedder=cfg.embedder, device=cfg.device, batch_size=cfg.batch_size,
-                        nprobe=cfg.nprobe, ef_search=cfg.ef_search) as retriever:
+                        nprobe=cfg.nprobe, ef_search=cfg.ef_search, allow_download=cfg.allow_download) as retriever:
         if cfg.method != "bm25":
             retriever.embedder  # load the model before the clock starts: the summary reports search speed
         start = time.perf_counter()
