@@ -127,7 +127,7 @@ def load_hotpotqa(path: str | Path) -> Iterator[Example]:
 
 
 def load_popqa(path: str | Path) -> Iterator[Example]:
-    """PopQA as the TSV (``obj`` + ``o_aliases``) or as JSON/JSONL with ``possible_answers``."""
+    """PopQA as the TSV (``obj`` + ``o_aliases``) or as JSON/JSONL with ``possible_answers``; type = ``prop``."""
     path = _resolve(path, "popQA.tsv")
     if path.name.lower().removesuffix(".gz").endswith(".tsv"):
         csv.field_size_limit(sys.maxsize)
@@ -140,7 +140,7 @@ def load_popqa(path: str | Path) -> Iterator[Example]:
                 where = f"{path}:{reader.line_num}"
                 answers = [row["obj"], *_parse_list(row.get("o_aliases"), where, "o_aliases")]
                 qid = row.get("id") or str(reader.line_num - 2)
-                yield _example(where, qid, row["question"], answers)
+                yield _example(where, qid, row["question"], answers, row.get("prop"))
         return
     for n, (where, rec) in enumerate(_records(path)):
         _require(rec, where, "question")
@@ -150,7 +150,7 @@ def load_popqa(path: str | Path) -> Iterator[Example]:
             answers = [rec["obj"], *_parse_list(rec.get("o_aliases"), where, "o_aliases")]
         else:
             raise PragError(f"{where}: missing field 'possible_answers' (or 'obj')")
-        yield _example(where, rec.get("id", n), rec["question"], answers)
+        yield _example(where, rec.get("id", n), rec["question"], answers, rec.get("prop"))
 
 
 def load_complexwebquestions(path: str | Path) -> Iterator[Example]:

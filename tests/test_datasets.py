@@ -56,8 +56,8 @@ def test_popqa_tsv_and_json(tmp_path):
                    "8\tX\tgenre\tjazz\t[]\tWhat genre is X?\n")
     rows = load_dataset("popqa", tsv)
     assert rows[0] == {"id": "7", "question": "What is George Rankin's occupation?",
-                       "answers": ["politician", "political leader", "pol"]}
-    assert rows[1]["answers"] == ["jazz"]
+                       "answers": ["politician", "political leader", "pol"], "type": "occupation"}
+    assert rows[1]["answers"] == ["jazz"] and rows[1]["type"] == "genre"
     js = [{"id": 1, "question": "Q1?", "possible_answers": "[\"a\", \"b\"]"},
           {"id": 2, "question": "Q2?", "possible_answers": ["c"]}]
     rows = load_dataset("popqa", _write(tmp_path / "popqa.json", js))
@@ -139,5 +139,7 @@ def test_real_popqa_file():
     rows = load_dataset("popqa", path)
     assert len(rows) == 1000
     assert rows[0] == {"id": "0", "question": "What is George Rankin's occupation?",
-                       "answers": ["politician", "political leader", "political figure", "polit.", "pol"]}
+                       "answers": ["politician", "political leader", "political figure", "polit.", "pol"],
+                       "type": "occupation"}  # PopQA's relation, so results.json's by_type is filled
+    assert {r["type"] for r in rows} == {"occupation", "place of birth"}
     assert load_dataset("popqa", path, limit=10)[-1]["id"] == rows[9]["id"]
