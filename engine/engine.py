@@ -24,6 +24,7 @@ retrieved in another order reuses the adapter; the delta is a sum, so order does
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -40,6 +41,8 @@ from engine.scoring import extract_answer
 from prag.errors import PragError
 from prag.llm import SUPPORTED_LORA_RANKS, LLMConfig, has_cuda, make_llm, shutdown_llm, smallest_lora_rank
 from prag.prompt import PromptConfig
+
+log = logging.getLogger(__name__)
 
 MODES = ("none", "rag", "prag", "combine")
 PASSAGE_MODES = ("rag", "combine")
@@ -98,6 +101,10 @@ class EngineConfig:
     adapter_dir: str | None = None  # None: a fresh folder on /dev/shm (tmpfs) or the temp dir
     adapter_cache_bytes: int = DEFAULT_MAX_BYTES
     adapter_dtype: str = "float32"  # dtype of merged adapter files (vLLM casts to the model dtype)
+    # How merged adapters reach vLLM: "memory" (no file; needs vLLM's worker in this process, see
+    # engine/vllm_backend/memory_lora.py), "dir" (a PEFT directory on tmpfs), "auto": memory where
+    # possible, else dir with one warning.
+    adapter_handover: str = "auto"
     # Threads that merge and write adapters beside the model. None: 1 on a CPU, where they take cores from
     # the model's own threads (measured on 2 cores: 1 thread 31 q/s, 4 threads 26-30 q/s for cold prag;
     # one thread builds ~250 adapters/s, far more than a CPU model answers); 4 with a GPU.
@@ -172,6 +179,14 @@ class GenerateStats:
     total_s: float = 0.0
     adapters_built: int = 0
     adapters_reused: int = 0
+    # where a cold batch's adapter time goes: on the adapter thread(s), store reads, merges and (dir
+    # hand-over) directory writes; inside vLLM's step, building LoRAModels (reading the dir back on the
+    # dir path) and filling slots (these two only when vLLM's worker runs in this process)
+    store_read_s: float = 0.0
+    merge_s: float = 0.0
+    write_s: float = 0.0
+    vllm_load_s: float = 0.0
+    slot_fill_s: float = 0.0
 
 
 def _llm_lora_limits(llm) -> tuple[int | None, int]:
@@ -246,12 +261,22 @@ class Engine:
         if self.store is not None and self.max_lora_rank is not None and needed > self.max_lora_rank:
             raise PragError(f"top_k={self.config.top_k} x rank {self.rank} needs max_lora_rank >= "
                             f"{self.config.top_k * self.rank}, but the vLLM engine has {self.max_lora_rank}")
-        self.cache = MergedAdapterCache(self._write_adapter, root=self.config.adapter_dir,
-                                        max_bytes=self.config.adapter_cache_bytes)
+        self.handover = self._choose_handover()
+        if self.handover == "memory":
+            from engine.vllm_backend import memory_lora
+
+            self.cache = MergedAdapterCache(None, max_bytes=self.config.adapter_cache_bytes,
+                                            on_insert=lambda e: memory_lora.register(e.lora_int_id, e.payload),
+                                            on_evict=lambda e: memory_lora.unregister(e.lora_int_id))
+        else:
+            self.cache = MergedAdapterCache(self._write_adapter, root=self.config.adapter_dir,
+                                            max_bytes=self.config.adapter_cache_bytes)
+        self._timing_lock = threading.Lock()
+        self._thread_times = {"store_read_s": 0.0, "merge_s": 0.0, "write_s": 0.0}
         self._pool = ThreadPoolExecutor(max_workers=self.config.resolved_prepare_threads(),
                                         thread_name_prefix="prag-adapter")
         self._generate_lock = threading.Lock()  # one batch at a time on the shared vLLM engine
-        self._row_merges: dict[int, RowMerge] = {}
+        self._row_merges: dict[int, Any] = {}
         self.last_stats = GenerateStats()
 
     @classmethod
@@ -274,12 +299,45 @@ class Engine:
 
         return AdapterStore.open(store)
 
+    def _choose_handover(self) -> str | None:
+        """"memory" or "dir" (None without a store or LoRA); see ``EngineConfig.adapter_handover``."""
+        want = self.config.adapter_handover
+        if want not in ("auto", "memory", "dir"):
+            raise PragError(f"adapter_handover must be auto, memory or dir, got {want!r}")
+        if self.store is None or self.max_lora_rank is None:
+            return None
+        from engine.vllm_backend import compat, memory_lora
+
+        problem = None if want == "dir" else compat.memory_handover_problem(self.llm)
+        manager = compat.worker_lora_manager(self.llm)
+        if problem is None and want != "dir":
+            try:
+                self._slot_plan = memory_lora.SlotPlan.build(manager._adapter_manager, self.store.layout)
+            except PragError as exc:
+                problem = str(exc)
+        if manager is not None and (want == "dir" or problem is None) and not compat.symbol_problems():
+            memory_lora.install(manager)  # also times vLLM's own loader on the dir path
+        if want == "dir":
+            return "dir"
+        if problem is not None:
+            if want == "memory":
+                raise PragError(f"adapter_handover='memory' is not possible: {problem}")
+            log.warning("merged adapters go to vLLM through tmpfs directories: %s", problem)
+            return "dir"
+        return "memory"
+
     def _write_adapter(self, merged: MergedAdapter, out_dir: Path) -> None:
         from offline_encode.peft_format import write_peft_adapter
 
+        t0 = time.perf_counter()
         write_peft_adapter(merged.tensors, out_dir, rank=merged.rank, alpha=merged.alpha,
                            target_modules=self.store.target_modules, base_model_name_or_path=self.model,
                            dtype=self.config.adapter_dtype)
+        self._add_time("write_s", time.perf_counter() - t0)
+
+    def _add_time(self, name: str, seconds: float) -> None:
+        with self._timing_lock:
+            self._thread_times[name] += seconds
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -298,16 +356,30 @@ class Engine:
         """Read the documents' adapters, cat-merge them (sorted doc-id order) and write the dir; cached."""
         doc_ids = list(key[0])
 
-        def build() -> MergedAdapter:
-            return self._row_merge(len(doc_ids))(self.store.get_rows(doc_ids, verify=self.config.verify_rows))
+        def build():
+            t0 = time.perf_counter()
+            rows = self.store.get_rows(doc_ids, verify=self.config.verify_rows)
+            t1 = time.perf_counter()
+            merged = self._row_merge(len(doc_ids))(rows)
+            self._add_time("store_read_s", t1 - t0)
+            self._add_time("merge_s", time.perf_counter() - t1)
+            return merged
 
         return self.cache.get_or_build(key, build, pin=True)
 
-    def _row_merge(self, k: int) -> RowMerge:
-        """The one-gather cat-merge of ``k`` store rows (built once per k; see :class:`engine.merge.RowMerge`)."""
+    def _row_merge(self, k: int):
+        """The one-gather cat-merge of ``k`` store rows, built once per k: :class:`engine.merge.RowMerge`
+        for the dir hand-over, :class:`engine.vllm_backend.memory_lora.SlotMerge` (straight into vLLM's
+        padded slot layout) for the memory one."""
         merge = self._row_merges.get(k)
         if merge is None:
-            merge = self._row_merges[k] = RowMerge(self.store.layout, k, self.store.alpha)
+            if self.handover == "memory":
+                from engine.vllm_backend.memory_lora import SlotMerge
+
+                merge = SlotMerge(self.store.layout, k, self.store.alpha, self._slot_plan)
+            else:
+                merge = RowMerge(self.store.layout, k, self.store.alpha)
+            self._row_merges[k] = merge
         return merge
 
     def _passages(self, answers: Sequence[Answer], idx: Sequence[int]) -> dict[int, list[str]]:
@@ -374,6 +446,11 @@ class Engine:
     def _generate(self, questions: list, mode: str, k: int, doc_ids, max_new_tokens: int) -> list[Answer]:
         t_start = time.perf_counter()
         stats = GenerateStats(questions=len(questions))
+        from engine.vllm_backend.memory_lora import TIMERS
+
+        vllm_before = TIMERS.snapshot()
+        with self._timing_lock:
+            thread_before = dict(self._thread_times)
         answers = [Answer(question=q if isinstance(q, str) else str(q), mode=mode) for q in questions]
         for a, q in zip(answers, questions):
             if not isinstance(q, str) or not q.strip():
@@ -495,7 +572,7 @@ class Engine:
                             for i in by_key[key]:
                                 answers[i].error = str(exc)
                             continue
-                        lora = LoRARequest(entry.lora_name, entry.lora_int_id, str(entry.path))
+                        lora = LoRARequest(entry.lora_name, entry.lora_int_id, entry.lora_path)
                         for i in by_key[key]:
                             answers[i].lora_name = entry.lora_name
                         submit(by_key[key], lora)
@@ -535,5 +612,10 @@ class Engine:
             if answers[i].finish_reason is None and answers[i].ok:
                 answers[i].error = "vLLM returned no output for this request"
         stats.total_s = time.perf_counter() - t_start
+        stats.vllm_load_s = TIMERS.load_s - vllm_before.load_s
+        stats.slot_fill_s = TIMERS.slot_fill_s - vllm_before.slot_fill_s
+        with self._timing_lock:  # adapter jobs cancelled after an error may still add a little
+            for name, before in thread_before.items():
+                setattr(stats, name, self._thread_times[name] - before)
         self.last_stats = stats
         return answers
