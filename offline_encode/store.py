@@ -483,6 +483,7 @@ class AdapterStore:
                 finally:
                     self._conn.rollback()
         except sqlite3.DatabaseError as exc:
+            _check_index_header(self.path / INDEX)  # the more precise message, where it applies
             raise self._index_error(exc) from None
         problems = {}
         for name, nbytes in rows:
