@@ -279,8 +279,8 @@ def check_output_dir(path: str | os.PathLike, kind: OutputKind, *, overwrite: bo
         raise PragError(f"{flag} {path} already holds {kind.what} from a previous '{kind.command}'; pass "
                         f"--overwrite to replace it, or choose another {flag}")
     shown = ", ".join(sorted(p.name for p in path.iterdir())[:3])
-    raise PragError(f"{flag} {path} is a non-empty directory that is not {kind.what} (it holds {shown} ...); "
-                    f"refusing to overwrite it (--overwrite only replaces a previous output of '{kind.command}'). "
+    raise PragError(f"{flag} {path} is a non-empty directory that is not {kind.what}; refusing to overwrite it "
+                    f"(it holds {shown} ...; --overwrite only replaces a previous output of '{kind.command}'). "
                     f"Choose another {flag}")
 
 

@@ -98,7 +98,7 @@ def test_embedder_aliases():
 
 
 def test_unknown_embedder_is_a_clear_error():
-    with pytest.raises(PragError, match=r"cannot load embedder 'no-such/model-anywhere'"):
+    with pytest.raises(PragError, match=r"embedder not found: no-such/model-anywhere .*hf download"):
         Embedder("no-such/model-anywhere")
 
 
@@ -322,7 +322,8 @@ def test_duplicate_id_mid_corpus_keeps_previous_index(tmp_path, small, embedder)
     bad = write_jsonl(tmp_path / "dup.jsonl", docs)
     for chunk_size in (8, 4096):  # the first copy in an earlier chunk (found in SQLite) or in the same chunk
         with pytest.raises(PragError, match=r"dup\.jsonl:31: duplicate document id 'doc-0007'"):
-            build_index(bad, out, IndexConfig(chunk_size=chunk_size), embedder=embedder, progress=False)
+            build_index(bad, out, IndexConfig(chunk_size=chunk_size), embedder=embedder, progress=False,
+                        overwrite=True)
     assert read_manifest(out) == before  # the old index is untouched and still loads
     with Retriever.load(out, embedder=embedder) as r:
         assert len(r) == 11
