@@ -10,7 +10,6 @@ def register(sub) -> None:
     _register_encode(sub)
     _register_export_adapter(sub)
     _register_store(sub)
-    _register_store(sub)
 
 
 # --- prag encode / export-adapter (owned by the store + encode work) ---
@@ -185,30 +184,6 @@ def _register_augment(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_augment)
 
-
-# --- prag store verify (owned by the store-integrity work) ---
-def _store_verify(args: argparse.Namespace) -> int:
-    import json
-
-    from offline_encode.store import verify_store
-
-    report = verify_store(args.store, drop_bad=args.drop_bad)
-    print(report.format())
-    if args.json:
-        print(json.dumps(report.to_dict()))
-    return 0 if report.ok else 1
-
-
-def _register_store(sub) -> None:
-    p = sub.add_parser("store", help="check and repair an adapter store")
-    actions = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
-    v = actions.add_parser("verify", help="check every row (checksum + finite values), every shard file, the index "
-                           "and the manifest; exits 1 naming the bad documents")
-    v.add_argument("--store", required=True, help="adapter store directory")
-    v.add_argument("--drop-bad", action="store_true",
-                   help="drop the bad documents from the index, so rerunning the same `prag encode` re-encodes them")
-    v.add_argument("--json", action="store_true", help="also print the report as one JSON line")
-    v.set_defaults(func=_store_verify)
 
 # --- prag store verify (owned by the store-integrity work) ---
 def _store_verify(args: argparse.Namespace) -> int:
