@@ -253,6 +253,7 @@ def run(args: argparse.Namespace) -> dict:
     engine = Engine(model, store=store, config=cfg, documents=docs)
     names = ["none", "rag", "prag", "combine", "prag (warm cache)"] + (["reference (PEFT, batch 1)"] if ref else [])
     runs: dict[str, list[dict]] = {name: [] for name in names}
+    verify_off: list[dict] = []  # cold prag with the store's row checks off, right after the checked run
     try:
         wq, wd = [q["question"] for q in warm], doc_ids[args.n:args.n + n_warm]
         for mode in ("none", "rag", "prag", "combine"):
@@ -265,6 +266,12 @@ def run(args: argparse.Namespace) -> dict:
                 this["reference (PEFT, batch 1)"] = ref.run()
             for mode in ("none", "rag", "prag", "combine"):
                 this[mode] = _run_mode(engine, tq, mode, td, cold=True)
+                if mode == "prag" and args.compare_verify:
+                    engine.config.verify_rows = False
+                    try:
+                        verify_off.append(_run_mode(engine, tq, "prag", td, cold=True))
+                    finally:
+                        engine.config.verify_rows = True
             this["prag (warm cache)"] = _run_mode(engine, tq, "prag", td, cold=False)
             for name, row in this.items():
                 runs[name].append(row)
@@ -283,6 +290,9 @@ def run(args: argparse.Namespace) -> dict:
                 row[label] = statistics.median(paired)
                 if name == "prag":
                     ratio_runs[f"prag_{label}"] = paired
+    if verify_off:  # what checking every adapter row read costs (checksum + finite values)
+        ratio_runs["prag_rows_checked_vs_unchecked"] = [
+            a["questions_per_s"] / b["questions_per_s"] for a, b in zip(runs["prag"], verify_off)]
     if ref is not None:
         same = sum(a.output_token_ids == o for a, o in
                    zip(rows["prag"]["answers"], rows["reference (PEFT, batch 1)"]["outputs"]))
@@ -298,10 +308,21 @@ def run(args: argparse.Namespace) -> dict:
     ratios = {name: statistics.median(values) for name, values in ratio_runs.items()}
     result = {"meta": meta, "modes": rows, "ratios": ratios,
               "ratio_runs": {name: [round(v, 3) for v in values] for name, values in ratio_runs.items() if values}}
+    if verify_off:
+        result["row_checks"] = {"on_questions_per_s": rows["prag"]["questions_per_s"],
+                                "off_questions_per_s": _median_row(verify_off)["questions_per_s"],
+                                "on_runs": [round(r["questions_per_s"], 3) for r in runs["prag"]],
+                                "off_runs": [round(r["questions_per_s"], 3) for r in verify_off],
+                                "ratio": ratios["prag_rows_checked_vs_unchecked"]}
     atomic_write_json(out / "results.json", result)
     md = _markdown(rows, meta)
     md += "\n" + ", ".join(f"{k}: {v:.2f}x (median of {args.repeats}; runs: "
                            f"{', '.join(f'{x:.1f}' for x in ratio_runs[k])})" for k, v in ratios.items()) + "\n"
+    if verify_off:
+        c = result["row_checks"]
+        md += (f"\nprag (cold cache) with every adapter row read checked (checksum + finite values) vs unchecked, "
+               f"same repeats: {c['on_questions_per_s']:.2f} vs {c['off_questions_per_s']:.2f} questions/s, "
+               f"ratio {c['ratio']:.3f} (median of the per-repeat ratios)\n")
     atomic_write_text(out / "results.md", md)
     _chart(rows, out / "throughput.png", f"PRAG serving, {args.size} model, {args.n} questions, k={args.top_k}")
     print(md)
@@ -335,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="times every mode and the reference are timed, back to back; tables show the median "
                         "run, ratios the median of the per-repeat ratios (default 5)")
     p.add_argument("--work", help="cache folder for the model/index/store (default OUT/work)")
+    p.add_argument("--compare-verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time cold prag with the store's row checks off, right after the checked run in "
+                        "every repeat (default on)")
     return p
 
 
