@@ -106,6 +106,7 @@ class CorruptAdapterError(PragError):
         self.problems = dict(problems)
         self.doc_ids = list(self.problems)
         self.shards = sorted(set(shards))
+        self._remedy = remedy
         by_reason: dict[str, list[str]] = {}
         for doc_id, reason in self.problems.items():
             by_reason.setdefault(reason, []).append(doc_id)
@@ -117,6 +118,9 @@ class CorruptAdapterError(PragError):
         where = f" (shard file(s): {', '.join(self.shards)})" if self.shards else ""
         super().__init__(f"adapter store {self.store}: corrupt adapter(s): {'; '.join(parts)}{more}{where}. "
                          f"{remedy}".rstrip())
+
+    def __reduce__(self):  # picklable across processes (Ray workers) despite the custom signature
+        return self.__class__, (self.store, self.problems, self.shards, self._remedy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,6 +283,9 @@ class ShardError(PragError):
     def __init__(self, path: Path, message: str):
         super().__init__(message)
         self.path = Path(path)
+
+    def __reduce__(self):
+        return self.__class__, (self.path, self.args[0])
 
 
 def _tensor_data_offset(fd: int, path: Path, storage_dtype: str, params_per_doc: int,
