@@ -304,3 +304,11 @@ def test_allow_download_still_respects_hf_hub_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PragError, match="HF_HUB_OFFLINE=1 forbids downloads"):
         Embedder("no-such/embedder", allow_download=True)
+
+
+def test_augment_out_never_replaces_its_corpus(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "a", "text": "Ada Lovelace was born in London in 1815."}')  # no final newline
+    before = corpus.read_text()
+    rc = main(["augment", "--corpus", str(corpus), "--augmenter", "rule", "--out", str(corpus), "--no-progress"])
+    assert rc == 2 and "is the input" in capsys.readouterr().err and corpus.read_text() == before

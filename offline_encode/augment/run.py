@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 from prag.errors import PragError
-from prag.io import check_readable
+from prag.io import check_output_file, check_readable
 from offline_encode.augment.records import ResumableJsonlWriter, error_kind
 from retrieval.corpus import CorpusStats, Document, iter_corpus
 
@@ -102,6 +102,7 @@ def augment_corpus(corpus_path: str | Path, out_path: str | Path, augmenter: Aug
     (the content per document is the same: the llm augmenter seeds each document by its id).
     """
     corpus_path = check_readable(corpus_path, "corpus file")
+    check_output_file(out_path, inputs=(corpus_path,))  # resuming would read (and trim) the corpus as output
     if limit is not None and limit < 1:
         raise PragError(f"--limit must be >= 1, got {limit}")
     batch = batch_size or augmenter.batch_size
