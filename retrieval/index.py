@@ -2,7 +2,7 @@
 
 Layout of ``INDEX_DIR``::
 
-    manifest.json   what was built (written last)
+    manifest.json   what was built, with every file's size, sha256 and sampled sha256 (written last)
     index.faiss     FAISS index; row i is document row i
     docs.sqlite     row <-> doc id, title, text
     bm25/           optional bm25s index (``--bm25``)
@@ -12,7 +12,9 @@ validates every line and catches duplicate ids *before* any slow embedding; (2) 
 store back in chunks, embed, add. IVF trains on a random sample of rows. The whole directory is
 built under a temporary name and renamed into place only when complete (``prag.io.atomic_dir``),
 so a crash never leaves a usable-looking index; leftovers of a killed build are removed by the
-next build of the same output.
+next build of the same output. ``--out`` must be new, empty, or a previous index (replaced only with
+``overwrite``): ``prag.io.atomic_output_dir`` refuses anything else. ``Retriever.load`` checks file
+sizes and sampled checksums (cheap); ``verify_index`` checks the full sha256 of every file.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """``manifest.json`` of an index directory: what was built, from what, with which embedder.
 
 The manifest is written last, inside the temporary build directory, so an index directory
-with a complete manifest is a complete index. Loading validates every field.
+with a complete manifest is a complete index. Loading validates every field, then compares every
+index file with its recorded size and sampled sha256 (``check_at_load``: about 1 MiB read per file
+whatever its size); ``prag index verify`` compares full sha256s (``check_files(full=True)``).
 """
 
 from __future__ import annotations
