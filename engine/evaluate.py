@@ -446,10 +446,11 @@ def evaluate(cfg: EvalConfig, engine: Engine | None = None) -> dict:
     own = engine is None
     if engine is None:
         # the resume check comes before vLLM's slow start: a mismatching rerun fails in seconds
-        from offline_encode.store import resolve_model_dir
         from transformers import AutoTokenizer
 
-        resolve_model_dir(cfg.model)
+        from prag.model_files import check_model_dir
+
+        check_model_dir(cfg.model)  # truncated weights, no tokenizer: a named error before anything loads
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         predicted = run_identity(cfg, tokenizer=tokenizer)
         _check_identity(Path(cfg.out), predicted, complete=False)
