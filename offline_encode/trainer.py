@@ -32,6 +32,7 @@ from offline_encode.config import EncodeConfig, lora_key
 from offline_encode.device import resolve_device, resolve_dtype
 from offline_encode.lora_math import adamw_update_, add_batched_lora, weighted_token_ce
 from prag.errors import PragError
+from prag.model_files import check_model_dir
 
 Adapter = dict[str, Tensor]
 
@@ -124,6 +125,7 @@ def load_base_model(path: str | Path, device: torch.device, dtype: torch.dtype):
 
     if not Path(path).exists():
         raise PragError(f"--model: {path} does not exist (expected a HF model directory)")
+    check_model_dir(path)  # a truncated weight file or a missing tokenizer: a named error, not a Rust traceback
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
@@ -134,6 +136,11 @@ def load_base_model(path: str | Path, device: torch.device, dtype: torch.dtype):
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def _rows_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """``[n]`` bools: whether row i of every ``[n, ...]`` tensor is all finite (one document per row)."""
+    return torch.stack([torch.isfinite(t).flatten(1).all(1) for t in tensors]).all(0)
 
 
 def split_by_padding(lengths: Sequence[int], max_padding: float) -> list[tuple[int, int]]:
@@ -154,9 +161,26 @@ def split_by_padding(lengths: Sequence[int], max_padding: float) -> list[tuple[i
     return runs
 
 
+DIVERGED_LOSS = "training diverged: non-finite loss or gradient (try a lower --lr)"
+DIVERGED_WEIGHTS = "training diverged: non-finite adapter weights (try a lower --lr)"
+
+
+@dataclass(frozen=True)
+class DocFailure:
+    """Why one document's adapter must not be stored: ``reason`` is stable (summaries count per reason),
+    ``detail`` says where (e.g. the first bad step)."""
+
+    reason: str
+    detail: str = ""
+
+
 @dataclass
 class TrainStats:
-    """What the last ``train`` call did; ``padding_fraction`` is pad tokens / tokens processed."""
+    """What the last ``train`` call did; ``padding_fraction`` is pad tokens / tokens processed.
+
+    ``failed`` maps the input index of every document whose loss, gradient or weights became non-finite
+    to its ``DocFailure``; those documents' adapters are garbage and must be discarded.
+    """
 
     docs: int = 0
     steps: int = 0
@@ -164,6 +188,7 @@ class TrainStats:
     padded_tokens: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    failed: dict[int, DocFailure] = field(default_factory=dict)
 
     @property
     def padding_fraction(self) -> float:
@@ -245,7 +270,10 @@ class BatchedLoraTrainer:
     def train(self, docs: Sequence[Sequence[Sequence[int]]], progress: bool = False) -> list[Adapter]:
         """One adapter per document (each document = its list of token sequences), in input order.
 
-        Returned tensors are CPU float32 in the key convention of ``offline_encode.config``.
+        Returned tensors are CPU float32 in the key convention of ``offline_encode.config``. A document
+        whose loss, gradient or weights became non-finite is listed in ``last_stats.failed`` (its tensors
+        are still returned, for inspection, but must not be stored); the others are unaffected by it,
+        since every document has its own rows and AdamW is element-wise.
         """
         for i, seqs in enumerate(docs):
             if not seqs:
@@ -266,9 +294,10 @@ class BatchedLoraTrainer:
 
             bar = tqdm(total=len(docs), desc="encode", unit="doc")
         for group in groups:
-            adapters = self._train_group([per_doc[i] for i in group], stats)
+            adapters, failures = self._train_group([per_doc[i] for i in group], stats)
             for i, adapter in zip(group, adapters):
                 results[i] = adapter
+            stats.failed.update({group[j]: failure for j, failure in failures.items()})
             if bar is not None:
                 bar.update(len(group))
         if bar is not None:
@@ -279,8 +308,10 @@ class BatchedLoraTrainer:
         self.last_stats = stats
         return results  # type: ignore[return-value]
 
-    def _train_group(self, examples: list[list[list[int]]], stats: TrainStats) -> list[Adapter]:
-        """Train documents whose example lists are sorted by length, longest first."""
+    def _train_group(self, examples: list[list[list[int]]],
+                     stats: TrainStats) -> tuple[list[Adapter], dict[int, DocFailure]]:
+        """Train documents whose example lists are sorted by length, longest first; also returns the
+        failures by position in ``examples``."""
         n, cfg = len(examples), self.cfg
         a = {m: self.init_adapter[lora_key(m, "A")].to(self.device).expand(n, -1, -1).clone().requires_grad_()
              for m in self.module_names}
@@ -291,6 +322,8 @@ class BatchedLoraTrainer:
         exp_avg_sqs = [torch.zeros_like(p) for p in params]
         self._active = _Active(a, b)
         losses: list[Tensor] = []
+        # First step whose gradient was non-finite, per document (-1: none), kept on the device: no sync
+        bad_step = torch.full((n,), -1, dtype=torch.long, device=self.device)
         try:
             for step in range(len(examples[0])):
                 k = sum(1 for ex in examples if len(ex) > step)  # a prefix, because of the sort
@@ -305,6 +338,9 @@ class BatchedLoraTrainer:
                     step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
                 with torch.no_grad():
                     live = slice(0, k)  # the documents still training: a prefix, so views, no gather
+                    # A non-finite loss of document i makes only its own rows' gradients non-finite
+                    newly_bad = ~_rows_finite([p.grad[live] for p in params]) & (bad_step[live] < 0)
+                    bad_step[live] = torch.where(newly_bad, step + 1, bad_step[live])
                     adamw_update_([p[live] for p in params], [p.grad[live] for p in params],
                                   [m[live] for m in exp_avgs], [v[live] for v in exp_avg_sqs], step + 1,
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -319,7 +355,14 @@ class BatchedLoraTrainer:
         for m in self.module_names:
             host[lora_key(m, "A")] = a[m].detach().to("cpu", torch.float32)
             host[lora_key(m, "B")] = b[m].detach().to("cpu", torch.float32)
-        return [{key: t[i].clone() for key, t in host.items()} for i in range(n)]
+        failures: dict[int, DocFailure] = {}
+        weights_ok = _rows_finite(list(host.values())).tolist()
+        for i, (first_bad, ok) in enumerate(zip(bad_step.tolist(), weights_ok)):
+            if first_bad > 0:
+                failures[i] = DocFailure(DIVERGED_LOSS, f"from step {first_bad} of {len(examples[i])}")
+            elif not ok:
+                failures[i] = DocFailure(DIVERGED_WEIGHTS, f"after {len(examples[i])} steps")
+        return [{key: t[i].clone() for key, t in host.items()} for i in range(n)], failures
 
     def _loss(self, rows: list[list[int]], stats: TrainStats) -> Tensor:
         """``sum_rows mean_tokens(CE)`` over right-padded rows, logits computed chunk by chunk.
