@@ -161,7 +161,7 @@ def test_mismatching_rerun_fails_before_vllm_starts(setup, first_run, capsys, mo
     assert "Traceback" not in err
     rc = main(["eval", "--config", str(first_run / "config.json"), "--out", str(first_run), "--top-k", "2"])
     assert rc == 2 and "top_k: before 3, now 2" in capsys.readouterr().err
-    assert time.perf_counter() - t0 < 20  # seconds: no vLLM start (20-60 s here)
+    assert time.perf_counter() - t0 < 45  # seconds, a loose bound; the spy above is the real check
     assert (first_run / "predictions.jsonl").read_bytes() == before  # nothing written is lost
 
 
