@@ -104,10 +104,16 @@ def _run_mode(engine, questions: list[str], mode: str, doc_ids, cold: bool) -> d
         raise RuntimeError(f"{mode}: {len(errors)} questions failed, e.g. {errors[0]}")
     s = engine.last_stats
     tokens = sum(len(a.output_token_ids) for a in answers)
+    # adapter work: store read and merge (and the dir write) on the adapter thread, overlapping the model;
+    # vLLM's LoRAModel build (dir: reading it back) and slot fill inside its steps; model = the rest of them
+    breakdown = {"prompt": s.prompt_s, "adapter_wait": s.adapter_wait_s, "generate": s.generate_s,
+                 "store_read": s.store_read_s, "merge": s.merge_s, "dir_write": s.write_s,
+                 "vllm_load": s.vllm_load_s, "slot_fill": s.slot_fill_s,
+                 "model": s.generate_s - s.vllm_load_s - s.slot_fill_s}
     return {"seconds": secs, "questions": len(questions), "generated_tokens": tokens,
             "prompt_tokens": sum(len(a.prompt_token_ids) for a in answers),
             "questions_per_s": len(questions) / secs, "tokens_per_s": tokens / secs,
-            "breakdown_s": {"prompt": s.prompt_s, "adapter_wait": s.adapter_wait_s, "generate": s.generate_s},
+            "breakdown_s": breakdown, "handover": getattr(engine, "handover", None),
             "adapters_built": s.adapters_built, "answers": answers}
 
 
@@ -168,14 +174,28 @@ def _markdown(rows: dict, meta: dict) -> str:
              f"k={meta['top_k']}, "
              f"{meta['max_new_tokens']} new tokens, greedy, max_loras={meta['max_loras']}. "
              f"Retrieval (done once, shared by all modes): {meta['retrieval_questions_per_s']:.1f} questions/s.",
-             "", "| mode | questions/s | generated tokens/s | mean prompt tokens | seconds | vs reference | vs rag |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| mode | questions/s | generated tokens/s | mean prompt tokens | seconds | vs reference | vs rag "
+                 "| vs none |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         vs_ref = f"{r['vs_reference']:.1f}x" if r.get("vs_reference") else "-"
         vs_rag = f"{r['vs_rag']:.2f}x" if r.get("vs_rag") else "-"
+        vs_none = f"{r['vs_none']:.2f}x" if r.get("vs_none") else "-"
         mean_prompt = f"{r['prompt_tokens'] / r['questions']:.0f}" if r.get("prompt_tokens") else "-"
         lines.append(f"| {name} | {r['questions_per_s']:.2f} | {r['tokens_per_s']:.1f} | {mean_prompt} | "
-                     f"{r['seconds']:.2f} | {vs_ref} | {vs_rag} |")
+                     f"{r['seconds']:.2f} | {vs_ref} | {vs_rag} | {vs_none} |")
+    cold = [n for n in rows if n.startswith("prag") and "warm" not in n and rows[n].get("breakdown_s")]
+    if cold:
+        lines += ["", "Where a cold prag batch's time goes (seconds, median run; store read and merge run on the "
+                  "adapter thread beside the model; vLLM load and slot fill inside its steps; model = the rest of "
+                  "vLLM's steps):", "",
+                  "| hand-over | store read | merge | dir write | vLLM load | slot fill | model | batch total |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n in cold:
+            b = rows[n]["breakdown_s"]
+            lines.append(f"| {rows[n].get('handover') or n} | {b['store_read']:.3f} | {b['merge']:.3f} | "
+                         f"{b['dir_write']:.3f} | {b['vllm_load']:.3f} | {b['slot_fill']:.3f} | {b['model']:.3f} | "
+                         f"{rows[n]['seconds']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,6 +226,7 @@ def run(args: argparse.Namespace) -> dict:
     from engine.engine import Engine, EngineConfig
     from engine.random_store import build_random_store
     from offline_encode.store import StoreMismatchError
+    from prag.errors import PragError
     from prag.fixture_model import parameter_count
     from prag.io import atomic_write_json, atomic_write_text
     from retrieval.retriever import Retriever
@@ -249,15 +270,31 @@ def run(args: argparse.Namespace) -> dict:
 
     cfg = EngineConfig(top_k=args.top_k, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                        max_model_len=args.max_model_len, max_loras=args.max_loras,
-                       max_cpu_loras=args.max_cpu_loras, prepare_threads=args.prepare_threads)
+                       max_cpu_loras=args.max_cpu_loras, prepare_threads=args.prepare_threads,
+                       adapter_handover=args.adapter_handover)
     engine = Engine(model, store=store, config=cfg, documents=docs)
-    names = ["none", "rag", "prag", "combine", "prag (warm cache)"] + (["reference (PEFT, batch 1)"] if ref else [])
+    # the other hand-over on the same vLLM engine, timed in the same repeats: memory vs directory side by side
+    other = None
+    if args.compare_handover and engine.handover is not None:
+        import dataclasses
+
+        other_way = "dir" if engine.handover == "memory" else "memory"
+        try:
+            other = Engine(model, store=store, llm=engine.llm, documents=docs,
+                           config=dataclasses.replace(cfg, adapter_handover=other_way))
+        except PragError as exc:
+            print(f"no {other_way} hand-over to compare with: {exc}", flush=True)
+    other_name = f"prag ({other.handover} hand-over)" if other is not None else None
+    names = ["none", "rag", "prag", "combine", "prag (warm cache)"] + ([other_name] if other else []) \
+        + (["reference (PEFT, batch 1)"] if ref else [])
     runs: dict[str, list[dict]] = {name: [] for name in names}
     verify_off: list[dict] = []  # cold prag with the store's row checks off, right after the checked run
     try:
         wq, wd = [q["question"] for q in warm], doc_ids[args.n:args.n + n_warm]
         for mode in ("none", "rag", "prag", "combine"):
             _run_mode(engine, wq, mode, wd, cold=True)
+        if other is not None:
+            _run_mode(other, wq, "prag", wd, cold=True)
         # every repeat times all modes and the reference loop back to back, so each ratio compares runs
         # made under the same machine conditions (this host's speed drifts by ~1.5x over an hour)
         for rep in range(args.repeats):
@@ -273,23 +310,27 @@ def run(args: argparse.Namespace) -> dict:
                     finally:
                         engine.config.verify_rows = True
             this["prag (warm cache)"] = _run_mode(engine, tq, "prag", td, cold=False)
+            if other is not None:
+                this[other_name] = _run_mode(other, tq, "prag", td, cold=True)
             for name, row in this.items():
                 runs[name].append(row)
             print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
                 f"{name} {row['questions_per_s']:.2f}" for name, row in this.items()) + " questions/s", flush=True)
     finally:
+        if other is not None:
+            other.close()
         engine.close()
         if ref is not None:
             ref.close()
     rows = {name: _median_row(runs[name]) for name in names}
     ratio_runs: dict[str, list[float]] = {}
     for name, row in rows.items():
-        for base, label in (("reference (PEFT, batch 1)", "vs_reference"), ("rag", "vs_rag")):
+        for base, label in (("reference (PEFT, batch 1)", "vs_reference"), ("rag", "vs_rag"), ("none", "vs_none")):
             if base in runs:
                 paired = [a["questions_per_s"] / b["questions_per_s"] for a, b in zip(runs[name], runs[base])]
                 row[label] = statistics.median(paired)
-                if name == "prag":
-                    ratio_runs[f"prag_{label}"] = paired
+                if name == "prag" or (label == "vs_none" and name.startswith("prag")):
+                    ratio_runs[f"{name}_{label}".replace(" ", "_")] = paired
     if verify_off:  # what checking every adapter row read costs (checksum + finite values)
         ratio_runs["prag_rows_checked_vs_unchecked"] = [
             a["questions_per_s"] / b["questions_per_s"] for a, b in zip(runs["prag"], verify_off)]
@@ -359,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-verify", action=argparse.BooleanOptionalAction, default=True,
                    help="also time cold prag with the store's row checks off, right after the checked run in "
                         "every repeat (default on)")
+    p.add_argument("--adapter-handover", choices=["auto", "memory", "dir"], default="auto",
+                   help="how merged adapters reach vLLM for the main rows: from memory, or through a tmpfs PEFT "
+                        "directory (default auto: memory where vLLM's worker is in this process)")
+    p.add_argument("--compare-handover", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time cold prag with the other hand-over on the same vLLM engine (default on)")
     return p
 
 

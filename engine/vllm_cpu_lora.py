@@ -68,6 +68,16 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             hit = self._transposed[id(lora_b)] = (lora_b, lora_b._version, b.transpose(1, 2).contiguous())
         return hit[2]
 
+    def slot_written(self, lora_b: torch.Tensor, index: int) -> None:
+        """Slot ``index`` of the stacked B ``lora_b`` was just overwritten (the memory hand-over's slot fill):
+        refresh that slot of the transposed copy instead of re-transposing every slot on the next step."""
+        hit = self._transposed.get(id(lora_b))
+        if hit is None or hit[0] is not lora_b or hit[1] != lora_b._version - 1:
+            return  # no valid copy, or other writes since: the next step rebuilds it
+        b = lora_b[index, 0] if lora_b.dim() == 4 else lora_b[index]
+        hit[2][index].copy_(b.t())
+        self._transposed[id(lora_b)] = (lora_b, lora_b._version, hit[2])
+
     def _plan_for(self, x: torch.Tensor) -> SegmentPlan | None:
         plan = self._plan
         return plan if plan is not None and plan.num_tokens == x.shape[0] else None

@@ -54,6 +54,15 @@ def test_memory_and_directory_paths_give_identical_tokens(tiny_model_dir, stores
         fills = TIMERS.fills
         got, answers = _tokens(mem)
         assert TIMERS.fills - fills == len(SETS), "slots must be filled by the one-copy path"
+        # the kernel's transposed B copies were refreshed slot by slot and match the slots exactly
+        plan, checked = mem._slot_plan, 0
+        cache = plan.slot_written.__self__._transposed
+        for _, b_st in plan.targets:
+            hit = cache.get(id(b_st))
+            if hit is not None and hit[0] is b_st and hit[1] == b_st._version:
+                assert torch.equal(hit[2], b_st[:, 0].transpose(1, 2))
+                checked += 1
+        assert checked == len(plan.targets)
         assert all(a.lora_name.startswith("prag-") for a in answers)
         assert mem.last_stats.adapters_built == len(SETS) and mem.last_stats.vllm_load_s > 0
         assert mem.last_stats.write_s == 0.0

@@ -39,7 +39,7 @@ PRIVATE_SYMBOLS: tuple[PrivateSymbol, ...] = (
                   "replaced per instance: fills a slot with one copy per stacked tensor",
                   params=("lora_id",),
                   attrs=("_active_adapters", "_registered_adapters", "lora_index_to_id", "modules",
-                         "packed_modules", "lora_slots")),
+                         "packed_modules", "lora_slots", "lora_config", "punica_wrapper_mapping")),
     PrivateSymbol("vllm.lora.model_manager", "LRUCacheLoRAModelManager.activate_adapter",
                   "its LRU eviction of active slots is kept (remove_oldest, touch)", params=("lora_id",)),
     PrivateSymbol("vllm.lora.lora_model", "LoRAModel",

@@ -75,6 +75,9 @@ class SlotPlan:
     targets: list[tuple[torch.Tensor, torch.Tensor]] = field(repr=False, default_factory=list)
     uncovered: list[Any] = field(repr=False, default_factory=list)
     packed: dict[str, int] = field(default_factory=dict)  # vLLM module -> slices (for LoRAModel building)
+    # our CPU punica wrapper keeps B transposed per stacked tensor; told about each slot write, it refreshes
+    # one slot instead of re-transposing all of them on the next step (None: vLLM's own wrapper)
+    slot_written: Any = field(repr=False, default=None)
 
     @property
     def numel(self) -> int:
@@ -116,7 +119,10 @@ class SlotPlan:
         if missing:
             raise PragError(f"vLLM has no LoRA layer for store module(s) {missing[:3]}; start vLLM with the "
                             f"store's target modules (lora_target_modules)")
-        return cls(segments, max_rank, dtype or torch.float32, targets, uncovered, packed)
+        wrappers = [w for w in getattr(adapter_manager, "punica_wrapper_mapping", {}).values()
+                    if hasattr(w, "slot_written")]
+        notify = wrappers[0].slot_written if len(wrappers) == 1 else None
+        return cls(segments, max_rank, dtype or torch.float32, targets, uncovered, packed, notify)
 
 
 @dataclass
@@ -184,7 +190,9 @@ class SlotMerge:
     def __call__(self, rows: torch.Tensor) -> MemoryAdapter:
         if tuple(rows.shape) != (self.k, self.params_per_doc):
             raise PragError(f"SlotMerge expects rows of shape {(self.k, self.params_per_doc)}, got {tuple(rows.shape)}")
-        src = torch.cat([rows.to(torch.float32).reshape(-1), torch.zeros(1)])
+        src = torch.empty(self.k * self.params_per_doc + 1, dtype=torch.float32)
+        src[:-1].view(self.k, self.params_per_doc).copy_(rows)  # the cast to fp32, as RowMerge does
+        src[-1] = 0
         flat = src.index_select(0, self.index).mul_(self.scale).to(self.plan.dtype)
         return MemoryAdapter(flat=flat, rank=self.rank, plan=self.plan)
 
@@ -275,9 +283,12 @@ def install(worker_manager: Any) -> None:
             manager._active_adapters[lora_id] = None
             manager.lora_index_to_id[index] = lora_id
             plan = model._prag_plan
+            notify = plan.slot_written
             for (a_st, b_st), (a, b) in zip(plan.targets, views):  # the padded views fill the whole slot
                 a_st[index, 0].copy_(a)
                 b_st[index, 0].copy_(b)
+                if notify is not None:
+                    notify(b_st, index)
             for module in plan.uncovered:
                 module.reset_lora(index)
             manager._active_adapters.touch(lora_id)
