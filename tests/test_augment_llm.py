@@ -57,3 +57,35 @@ def test_llm_augmenter_records_too_long_passages_and_needs_a_model(shared_llm):
         LLMAugmenter(LLMAugmenterConfig())
     with pytest.raises(PragError, match="placeholder"):
         LLMAugmenter(LLMAugmenterConfig(model="x", qa_prompt="no slot"))
+
+
+def test_llm_augmenter_builds_its_own_engine_and_survives_a_step_over_the_token_budget(tiny_model_dir, tmp_path):
+    """On a CPU, a chunked prefill rewinds each request's seeded generator, which CPU generators
+    cannot do ("CPU Generator does not use offset"): 0 records were written with the defaults.
+    24 prompts of ~240 tokens are ~3x the 2,048-token step budget, so vLLM must split them over steps."""
+    from prag.llm import shutdown_llm
+
+    text = ("Person {i} Dovanko was born in 18{i}4 in the town of Esterhalm. She founded the glassworks "
+            "in 19{i}2 with {j} partners. ") * 3
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": text.format(i=i % 10, j=i + 3)}) + "\n"
+                              for i in range(12)), encoding="utf-8")
+    cfg = LLMAugmenterConfig(model=str(tiny_model_dir), max_model_len=1024, max_tokens=320, max_question_chars=10,
+                             max_answer_chars=5, max_full_answer_chars=10)
+    aug = LLMAugmenter(cfg)
+    try:
+        tokenizer = aug.llm.get_tokenizer()
+        prompt_tokens = len(aug._prompt_ids(tokenizer, cfg.qa_prompt.format(passage=text, n_qa=3)))
+        assert 24 * prompt_tokens > 2 * aug.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        summary = augment_corpus(corpus, tmp_path / "aug.jsonl", aug, progress=False)
+    finally:
+        if aug._llm is not None:
+            shutdown_llm(aug._llm)
+    assert (summary.done, summary.failed) == (12, 0), summary.format()
+    # (no maxLength check here: the random model emits partial UTF-8 byte tokens, which decode to
+    # U+FFFD characters that the grammar counted as bytes, so a 10-char bound can read as 11)
+    recs = [rec for _, rec in iter_augmented(tmp_path / "aug.jsonl")]
+    assert sorted(r["doc_id"] for r in recs) == sorted(f"d{i}" for i in range(12))
+    for rec in recs:
+        assert len(rec["qa"]) == 3 and all(set(qa) == {"question", "answer", "full_answer"} for qa in rec["qa"])
+        assert len(rec["rewrites"]) == 1

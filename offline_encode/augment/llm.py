@@ -153,11 +153,18 @@ class LLMAugmenter:
     @property
     def llm(self):
         if self._llm is None:  # built on first use: a fully resumed run never starts an engine
-            from prag.llm import LLMConfig, make_llm
+            from prag.llm import LLMConfig, has_cuda, make_llm
 
+            engine_args = dict(self.cfg.engine_args)
+            if not has_cuda():
+                # Per-document seeds give each request its own torch.Generator. When vLLM chunks a
+                # prefill it rewinds that generator (set_offset), which CPU generators cannot do
+                # ("CPU Generator does not use offset"), so on a CPU every prompt is prefilled whole;
+                # vLLM then raises the step's token budget to max_model_len by itself.
+                engine_args.setdefault("enable_chunked_prefill", False)
             self._llm = make_llm(LLMConfig(model=self.cfg.model, dtype=self.cfg.dtype, enable_lora=False,
                                            max_model_len=self.cfg.max_model_len, seed=self.cfg.seed,
-                                           structured_output=True, engine_args=dict(self.cfg.engine_args)))
+                                           structured_output=True, engine_args=engine_args))
         return self._llm
 
     def _prompt_ids(self, tokenizer, user: str) -> list[int]:
