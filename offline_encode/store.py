@@ -40,6 +40,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -50,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -262,15 +264,23 @@ def manifest_checksum(manifest: Mapping) -> str:
 
 
 def nonfinite_rows(rows: torch.Tensor) -> list[int]:
-    """Indices of the rows of ``[k, P]`` that hold NaN or inf.
+    """Indices of the rows of ``[k, P]`` (storage dtype) that hold NaN or inf.
 
-    A row sum is finite only if every value is (NaN and inf propagate), and summing is ~30x cheaper
-    than ``isfinite(...).all()`` (0.03 vs 0.87 ms on a 2 MB row); a non-finite sum can also be an
-    overflow, so those rows alone get the exact check."""
+    Single-threaded numpy on purpose: torch's reductions use the intra-op thread pool, and on a busy
+    2-core host (vLLM running beside) ``rows.sum(dim=1)`` on 3 rows of 2 MB took 15 ms against 0.12 ms
+    per row for ``np.add.reduce``. float32: a row sum is finite only if every value is (NaN and inf
+    propagate); a non-finite sum may be an overflow, so those rows alone get the exact check.
+    16-bit: a value is NaN/inf exactly when its exponent bits are all set."""
     if rows.numel() == 0:
         return []
-    suspect = (~torch.isfinite(rows.sum(dim=1))).nonzero().flatten().tolist()
-    return [i for i in suspect if not bool(torch.isfinite(rows[i]).all())]
+    if rows.dtype == torch.float32:
+        a = rows.numpy()
+        with np.errstate(over="ignore", invalid="ignore"):
+            suspect = [i for i in range(a.shape[0]) if not math.isfinite(float(np.add.reduce(a[i])))]
+        return [i for i in suspect if not bool(np.isfinite(a[i]).all())]
+    mask = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}[rows.dtype]
+    bits = rows.view(torch.int16).numpy()
+    return [i for i in range(bits.shape[0]) if int(np.bitwise_and(bits[i], mask).max()) == mask]
 
 
 # --------------------------------------------------------------------------------------------
