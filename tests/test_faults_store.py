@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from offline_encode.store import (AdapterStore, CorruptAdapterError, StoreSpec, row_checksum, verify_store)
+from offline_encode.store import (AdapterStore, CorruptAdapterError, StoreSpec, nonfinite_rows, row_checksum,
+                                  verify_store)
 from prag.cli import main as prag_main
 from prag.errors import PragError
 
@@ -46,10 +47,11 @@ def make_adapter(seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def small_store(path: Path, shards: list[list[str]]) -> Path:
-    """A float32 store with one shard per list of doc ids (adapter of doc ``d`` seeded by its position)."""
+def small_store(path: Path, shards: list[list[str]], storage_dtype: str = "float32") -> Path:
+    """A store with one shard per list of doc ids (adapter of doc ``d`` seeded by its position)."""
     spec = StoreSpec(base_model="m", model_fingerprint={"name": "m", "hash": "h"}, rank=2, alpha=32,
-                     target_modules=("gate_proj", "up_proj", "down_proj"), encode_config={"rank": 2})
+                     target_modules=("gate_proj", "up_proj", "down_proj"), encode_config={"rank": 2},
+                     storage_dtype=storage_dtype)
     seed = 0
     with AdapterStore.create_or_open(path, spec, init_adapter=make_adapter(999)) as st:
         for ids in shards:
@@ -137,6 +139,19 @@ def test_nan_row_with_a_valid_checksum_is_caught_by_the_finite_check(tmp_path):
         assert torch.isnan(st.get_rows(["d7"], verify=False)).any()  # the checksum alone would pass it
         assert st.get_rows(["d6", "d8"]).isfinite().all()
         assert st.verify() == ["d7"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_finite_check_in_every_storage_dtype(tmp_path, dtype):
+    store = small_store(tmp_path / "s", [["a", "b", "c"]], storage_dtype=dtype)
+    nan = {"float32": NAN64, "bfloat16": b"\xc0\x7f" * 32, "float16": b"\x00\x7e" * 32}[dtype]
+    overwrite_row(store, "b", nan, fix_checksum=True)
+    with AdapterStore.open(store) as st:
+        with pytest.raises(CorruptAdapterError, match="NaN/inf values in the stored adapter for doc id 'b'"):
+            st.get_rows(["a", "b"])
+        assert st.get_rows(["a", "c"]).shape[0] == 2
+    # finite values whose float32 sum overflows are not flagged; inf is
+    assert nonfinite_rows(torch.full((2, 8), 3e38)) == [] and nonfinite_rows(torch.full((1, 8), -float("inf"))) == [0]
 
 
 def test_missing_shard_fails_only_its_documents(tmp_path, caplog):
