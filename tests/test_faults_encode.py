@@ -172,15 +172,15 @@ def test_cli_exit_status_and_torn_tail_warning(tmp_path, tiny_model_dir, poisone
 
 def test_cli_huge_learning_rate_stores_nothing_and_exits_3(tmp_path, tiny_model_dir):
     """The issue's repro: `--lr 1e8 --epochs 3` exited 0 with every stored tensor NaN."""
-    aug = write_jsonl(tmp_path / "aug.jsonl", records(3))
+    aug = write_jsonl(tmp_path / "aug.jsonl", records(2))
     out = tmp_path / "store"
     r = subprocess.run(prag_cmd("encode", "--augmented", str(aug), "--model", str(tiny_model_dir), "--out",
                                 str(out), "--lr", "1e8", "--epochs", "3", "--no-progress"),
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stderr
     assert "Traceback" not in r.stderr
-    assert "3 document(s) failed and were not stored" in r.stderr
-    assert "FAILED 3 (not stored): training diverged" in r.stdout and "encoded 0 document(s)" in r.stdout
+    assert "2 document(s) failed and were not stored" in r.stderr
+    assert "FAILED 2 (not stored): training diverged" in r.stdout and "encoded 0 document(s)" in r.stdout
     if AdapterStore.exists(out):
         with AdapterStore.open(out) as st:
             assert len(st) == 0
@@ -276,7 +276,7 @@ def test_eval_names_a_damaged_model_before_vllm_starts(tmp_path, tiny_model_dir,
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "prag eval: error: --model: " in r.stderr and message in r.stderr
     assert "LLM imported: False" in r.stdout
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 120  # interpreter + imports; a vLLM start would add its own minute
 
 
 def test_encode_names_the_non_utf8_line(tmp_path, tiny_model_dir, capsys):
