@@ -33,19 +33,35 @@ def check_k(k) -> int:
 
 
 class _BM25:
-    """The optional bm25s index stored under ``INDEX_DIR/bm25``."""
+    """The optional bm25s index stored under ``INDEX_DIR/bm25``, opened on its first search.
+
+    Why lazily: importing bm25s imports numba and llvmlite, and a vLLM engine built after that in the
+    same process dies at start-up (its kernel dispatcher scans every module and trips over llvmlite's
+    ``ffi.lib``). Loading an index must not decide whether an engine can start; by the first search,
+    the engine is up.
+    """
 
     def __init__(self, path: Path) -> None:
-        import bm25s
-        from bm25s.tokenization import Tokenizer
+        self.path = path
+        self._lock = threading.Lock()
+        self.model = None
 
-        self.model = bm25s.BM25.load(str(path), mmap=True)
-        self.tokenizer = Tokenizer(stopwords="en")
-        self.tokenizer.load_vocab(str(path))
-        self.tokenizer.load_stopwords(str(path))
-        self.empty_id = self.tokenizer.get_vocab_dict().get("")
+    def _open(self) -> None:
+        with self._lock:
+            if self.model is not None:
+                return
+            import bm25s
+            from bm25s.tokenization import Tokenizer
+
+            tokenizer = Tokenizer(stopwords="en")
+            tokenizer.load_vocab(str(self.path))
+            tokenizer.load_stopwords(str(self.path))
+            self.tokenizer, self.empty_id = tokenizer, tokenizer.get_vocab_dict().get("")
+            self.model = bm25s.BM25.load(str(self.path), mmap=True)
 
     def search(self, questions: Sequence[str], k: int) -> list[Hits]:
+        if self.model is None:
+            self._open()
         queries = self.tokenizer.tokenize(list(questions), update_vocab=False, return_as="ids", show_progress=False)
         out: list[Hits] = [[] for _ in queries]
         # words the corpus never saw map to the empty token; they must not match anything
