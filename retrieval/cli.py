@@ -24,7 +24,8 @@ def _build(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from retrieval.search_file import SearchConfig, search_file
 
-    cfg = SearchConfig(index=args.index, queries=args.queries, out=args.out, k=args.k, method=args.method,
+    cfg = SearchConfig(index=args.index, queries=args.queries, dataset=args.dataset, data=args.data,
+                       limit=args.limit, out=args.out, k=args.k, method=args.method,
                        embedder=args.embedder, batch_size=args.batch_size, nprobe=args.nprobe,
                        ef_search=args.ef_search, device=args.device, allow_download=args.allow_download)
     print(search_file(cfg).summary())
@@ -91,11 +92,18 @@ def register(sub) -> None:
 
     s = isub.add_parser(
         "search", help="top-k documents for each query in a file",
-        description="Search INDEX_DIR for each line of a queries file (JSONL {id, question}) and write JSONL "
+        description="Search INDEX_DIR for each question of a queries file (JSONL {id, question}) or of a QA "
+                    "dataset file (--dataset/--data, read as 'prag eval' reads it) and write JSONL "
                     "{id, doc_ids, scores} (best first) atomically to --out. k larger than the corpus returns "
                     "every document.")
     s.add_argument("--index", required=True, metavar="INDEX_DIR", help="index directory from 'prag index build'")
-    s.add_argument("--queries", required=True, metavar="FILE", help="queries JSONL {id, question}")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--queries", metavar="FILE", help="queries JSONL {id, question}")
+    q.add_argument("--dataset", metavar="NAME",
+                   help="a QA dataset format, as in 'prag eval' (popqa, nq, hotpotqa, 2wikimultihopqa, "
+                        "complexwebquestions, generic); needs --data")
+    s.add_argument("--data", metavar="FILE", help="the dataset file, with --dataset")
+    s.add_argument("--limit", type=int, default=None, metavar="N", help="with --dataset: the first N questions")
     s.add_argument("--k", required=True, type=int, metavar="K", help="documents per query (positive)")
     s.add_argument("--out", required=True, metavar="FILE", help="output JSONL {id, doc_ids, scores}")
     s.add_argument("--method", choices=_METHODS, default="dense",

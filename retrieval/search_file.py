@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prag.errors import PragError
-from prag.io import atomic_write_jsonl, check_output_file, ensure_writable_dir, iter_jsonl
+from prag.io import (atomic_write_jsonl, check_output_file, check_readable, ensure_writable_dir, iter_jsonl,
+                     open_text)
 from retrieval.retriever import METHODS, Retriever, check_k
 
 
@@ -20,9 +21,12 @@ class Query:
 @dataclass
 class SearchConfig:
     index: str
-    queries: str
+    queries: str | None
     out: str
     k: int
+    dataset: str | None = None     # instead of queries: a QA dataset file read as `prag eval` reads it
+    data: str | None = None
+    limit: int | None = None       # with dataset: its first N questions
     method: str = "dense"          # dense | bm25 | hybrid
     embedder: str | None = None    # must match the index's embedder when given
     batch_size: int = 64
@@ -45,6 +49,11 @@ class SearchResult:
 
 def read_queries(path: str | Path) -> list[Query]:
     """Parse a queries file; bad lines and repeated ids fail naming the file and line."""
+    with open_text(check_readable(path, "queries file")) as fh:
+        head = fh.read(1024).lstrip()
+    if head.startswith("["):
+        raise PragError(f"{path} is a JSON list, but --queries expects JSONL: one {{\"id\", \"question\"}} object "
+                        f"per line. For a QA dataset file use --dataset NAME --data {path}")
     queries: list[Query] = []
     seen: dict[str, int] = {}
     for lineno, rec in iter_jsonl(path, "queries file"):
@@ -61,13 +70,27 @@ def read_queries(path: str | Path) -> list[Query]:
     return queries
 
 
+def dataset_queries(name: str, path: str | Path, limit: int | None = None) -> list[Query]:
+    """The questions of a QA dataset file, read by the same loaders as ``prag eval``."""
+    from engine.datasets import load_dataset  # the QA loaders live with evaluation
+
+    return [Query(ex["id"], ex["question"]) for ex in load_dataset(name, path, limit=limit)]
+
+
 def search_file(cfg: SearchConfig) -> SearchResult:
-    """Answer every query in ``cfg.queries`` and write the results atomically to ``cfg.out``."""
+    """Answer every query in ``cfg.queries`` (or dataset) and write the results atomically to ``cfg.out``."""
     check_k(cfg.k)
     if cfg.method not in METHODS:
         raise PragError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    queries = read_queries(cfg.queries)
-    out = check_output_file(cfg.out, inputs=(cfg.queries, cfg.index))
+    if (cfg.queries is None) == (cfg.dataset is None):
+        raise PragError("give either --queries FILE or --dataset NAME --data FILE")
+    if cfg.dataset is not None:
+        if cfg.data is None:
+            raise PragError("--dataset needs --data FILE")
+        queries = dataset_queries(cfg.dataset, cfg.data, cfg.limit)
+    else:
+        queries = read_queries(cfg.queries)
+    out = check_output_file(cfg.out, inputs=tuple(p for p in (cfg.queries, cfg.data, cfg.index) if p))
     ensure_writable_dir(out.parent, "output directory")
     with Retriever.load(cfg.index, embedder=cfg.embedder, device=cfg.device, batch_size=cfg.batch_size,
                         nprobe=cfg.nprobe, ef_search=cfg.ef_search, allow_download=cfg.allow_download) as retriever:

@@ -120,3 +120,24 @@ def test_help_lists_the_contract(capsys):
     text = capsys.readouterr().out
     for flag in ("--index", "--queries", "--k", "--out", "--method"):
         assert flag in text
+
+
+def test_search_reads_a_qa_dataset_file_like_eval(files, built, capsys):
+    """A PopQA-style JSON list was rejected as 'malformed JSON' on line 1."""
+    data = files["root"] / "popqa.json"
+    data.write_text(json.dumps([{"id": q["id"], "question": q["question"], "possible_answers": ["x"]}
+                                for q in QUERIES]))
+    out = files["root"] / "from-dataset.jsonl"
+    assert main(["index", "search", "--index", str(built), "--dataset", "popqa", "--data", str(data), "--limit", "2",
+                 "--k", "2", "--out", str(out)]) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    ref = files["root"] / "results-ref.jsonl"
+    assert main(["index", "search", "--index", str(built), "--queries", str(files["queries"]), "--k", "2",
+                 "--out", str(ref)]) == 0
+    assert got == [json.loads(line) for line in ref.read_text().splitlines()][:2]
+    capsys.readouterr()
+    # the same list given as --queries: the error says which format was expected and how to pass a dataset
+    assert main(["index", "search", "--index", str(built), "--queries", str(data), "--k", "2",
+                 "--out", str(files["root"] / "x.jsonl")]) != 0
+    err = capsys.readouterr().err
+    assert "expects JSONL" in err and "--dataset NAME --data" in err and str(data) in err
