@@ -143,6 +143,12 @@ def _rows_finite(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.isfinite(t).flatten(1).all(1) for t in tensors]).all(0)
 
 
+def _rows_sum_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """``_rows_finite`` for every training step, at half its cost: one sum per row, which a NaN or an inf
+    makes non-finite (finite values could only overflow it near 1e38, i.e. when training diverged anyway)."""
+    return torch.isfinite(torch.stack([t.flatten(1).sum(1, dtype=torch.float32) for t in tensors]).sum(0))
+
+
 def split_by_padding(lengths: Sequence[int], max_padding: float) -> list[tuple[int, int]]:
     """Contiguous ``[start, end)`` runs of rows whose padding to the run's longest row stays within
     ``max_padding`` (fraction of padded tokens). Rows arrive roughly longest first, so a few runs suffice;
@@ -339,7 +345,7 @@ class BatchedLoraTrainer:
                 with torch.no_grad():
                     live = slice(0, k)  # the documents still training: a prefix, so views, no gather
                     # A non-finite loss of document i makes only its own rows' gradients non-finite
-                    newly_bad = ~_rows_finite([p.grad[live] for p in params]) & (bad_step[live] < 0)
+                    newly_bad = ~_rows_sum_finite([p.grad[live] for p in params]) & (bad_step[live] < 0)
                     bad_step[live] = torch.where(newly_bad, step + 1, bad_step[live])
                     adamw_update_([p[live] for p in params], [p.grad[live] for p in params],
                                   [m[live] for m in exp_avgs], [v[live] for v in exp_avg_sqs], step + 1,
