@@ -41,11 +41,41 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select(args: argparse.Namespace) -> int:
+    from retrieval.select import SelectConfig, select_documents
+
+    cfg = SelectConfig(dataset=args.dataset, data=args.data, index=args.index, out=args.out, top_k=args.top_k,
+                       limit=args.limit, method=args.retrieval_method, overwrite=args.overwrite,
+                       allow_download=args.allow_download)
+    print(select_documents(cfg).summary())
+    return 0
+
+
 _DOWNLOAD_HELP = ("let the embedder be downloaded from the Hugging Face hub when it is not a local path or in the "
                   "local cache (default: fail at once, saying how to download it)")
 
 
 def register(sub) -> None:
+    sel = sub.add_parser(
+        "select", help="the documents a dataset's questions retrieve, as a corpus to augment and encode",
+        description="Retrieve the top-K documents of each question (the first --limit ones) and write DIR/corpus.jsonl "
+                    "(their union, each document once, in the corpus format) and DIR/hits.jsonl ({id, doc_ids, "
+                    "scores} per question, as 'prag index search' writes). Documents are read from the index's "
+                    "doc store, so any corpus size works. The paper's setting: --top-k 3 --limit 300.")
+    sel.add_argument("--dataset", required=True, metavar="NAME",
+                     help="QA dataset format, as in 'prag eval' (popqa, nq, hotpotqa, 2wikimultihopqa, "
+                          "complexwebquestions, generic)")
+    sel.add_argument("--data", required=True, metavar="FILE", help="the dataset file")
+    sel.add_argument("--index", required=True, metavar="INDEX_DIR", help="index directory from 'prag index build'")
+    sel.add_argument("--top-k", type=int, default=3, metavar="K", help="documents per question (default 3)")
+    sel.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions (default: all)")
+    sel.add_argument("--retrieval-method", choices=_METHODS, default="dense",
+                     help="dense (default), bm25 or hybrid (bm25/hybrid need an index built with --bm25)")
+    sel.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
+    sel.add_argument("--overwrite", action="store_true", help="replace a previous 'prag select' output at --out")
+    sel.add_argument("--allow-download", action="store_true", help=_DOWNLOAD_HELP)
+    sel.set_defaults(func=_select)
+
     p = sub.add_parser("index", help="build or search a retrieval index (dense FAISS, optional BM25)",
                        description="Build an index directory from a corpus, or search one with a queries file.")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="{build,search,verify}")

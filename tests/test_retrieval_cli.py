@@ -141,3 +141,30 @@ def test_search_reads_a_qa_dataset_file_like_eval(files, built, capsys):
                  "--out", str(files["root"] / "x.jsonl")]) != 0
     err = capsys.readouterr().err
     assert "expects JSONL" in err and "--dataset NAME --data" in err and str(data) in err
+
+
+@pytest.mark.parametrize("method", ["dense", "bm25"])
+def test_select_writes_the_union_of_the_top_k_as_a_corpus(files, built, method, capsys):
+    data = files["root"] / f"select-{method}.jsonl"
+    data.write_text("".join(json.dumps({**q, "answer": "x"}) + "\n" for q in QUERIES))
+    out = files["root"] / f"selection-{method}"
+    assert main(["select", "--dataset", "generic", "--data", str(data), "--index", str(built), "--top-k", "2",
+                 "--limit", "2", "--retrieval-method", method, "--out", str(out)]) == 0
+    assert "for 2 question(s)" in capsys.readouterr().out
+    ref = files["root"] / f"select-ref-{method}.jsonl"
+    assert main(["index", "search", "--index", str(built), "--queries", str(files["queries"]), "--k", "2",
+                 "--method", method, "--out", str(ref)]) == 0
+    expected = [json.loads(line) for line in ref.read_text().splitlines()][:2]
+    assert [json.loads(line) for line in (out / "hits.jsonl").read_text().splitlines()] == expected
+    union = list(dict.fromkeys(d for h in expected for d in h["doc_ids"]))
+    corpus = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
+    by_id = {d["id"]: d for d in DOCS}
+    assert [d["id"] for d in corpus] == union and len(union) >= 3
+    assert all(d["text"] == by_id[d["id"]]["text"] and d["title"] == by_id[d["id"]]["title"] for d in corpus)
+    # a second run refuses to replace it without --overwrite; with it, same files
+    capsys.readouterr()
+    args = ["select", "--dataset", "generic", "--data", str(data), "--index", str(built), "--top-k", "2",
+            "--limit", "2", "--retrieval-method", method, "--out", str(out)]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()] == corpus
