@@ -117,7 +117,8 @@ class CorruptAdapterError(PragError):
             shown = ", ".join(repr(d) for d in ids[:5]) + (f" (and {len(ids) - 5} more)" if len(ids) > 5 else "")
             parts.append(f"{reason} for doc id {shown}" if len(ids) == 1 else f"{reason} for doc ids {shown}")
         more = f"; and {len(by_reason) - 5} more problems" if len(by_reason) > 5 else ""
-        where = f" (shard file(s): {', '.join(self.shards)})" if self.shards else ""
+        unnamed = [f for f in self.shards if not any(f in r for r in self.problems.values())]
+        where = f" (shard file(s): {', '.join(unnamed)})" if unnamed else ""
         super().__init__(f"adapter store {self.store}: corrupt adapter(s): {'; '.join(parts)}{more}{where}. "
                          f"{remedy}".rstrip())
 
