@@ -8,7 +8,10 @@ Layout of ``--out``::
     predictions.jsonl   one record per (question id, mode), appended batch by batch
     timing.json         seconds / questions / tokens per mode, summed over resumed runs
     results.json        {"<mode>": {"em", "f1", "precision", "recall", "n", "errors",
-                                    "questions_per_s", "tokens_per_s", "by_type": {...}}}
+                                    "questions_per_s", "tokens_per_s", "by_type": {...}},
+                         "settings": {model + fingerprint, store + its encode/augmentation settings,
+                                      index embedder + type, retrieval method, top_k, limit, modes,
+                                      dtype, date, package versions}}
     results.md          the paper-style table (one row per mode) and the per-sub-type table
 
 Resuming: a rerun with the same settings skips every (id, mode) already in predictions.jsonl (a
@@ -44,6 +47,7 @@ TIMING = "timing.json"
 CONFIG = "config.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+SETTINGS = "settings"  # results.json's block saying what produced it, beside the per-mode entries
 
 log = logging.getLogger(__name__)
 # --out: a previous evaluation (its config.json) is resumed; any other non-empty folder is refused
@@ -129,7 +133,14 @@ def summarize(records: Sequence[dict], modes: Sequence[str], timing: dict | None
     return out
 
 
+def mode_results(results: dict) -> dict:
+    """The per-mode entries of a results.json (everything but its ``settings`` block)."""
+    return {k: v for k, v in results.items() if k != SETTINGS}
+
+
 def results_markdown(results: dict, title: str = "") -> str:
+    settings = results.get(SETTINGS)
+    results = mode_results(results)
     lines = [f"# {title}\n" if title else "",
              "| mode | EM | F1 | precision | recall | n | errors | questions/s | tokens/s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -147,7 +158,33 @@ def results_markdown(results: dict, title: str = "") -> str:
                 m = r["by_type"].get(t)
                 cells.append(f"{m['em']:.3f} / {m['f1']:.3f} ({m['n']})" if m else "-")
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    if settings:
+        lines += ["", "Settings:", ""] + [f"- {k}: {json.dumps(v, sort_keys=True)}" for k, v in settings.items()]
     return "\n".join(line for line in lines if line is not None).lstrip("\n") + "\n"
+
+
+def results_settings(cfg: EvalConfig, engine: Engine, record: dict) -> dict:
+    """What produced a results.json, for a reader comparing runs (config.json holds the full record)."""
+    import datetime
+
+    store = None
+    if engine.store is not None:
+        m = engine.store.manifest
+        store = {"path": record.get("store"), "version": record.get("store_version"),
+                 "rank": m.get("rank"), "alpha": m.get("alpha"), "target_modules": m.get("target_modules"),
+                 "encode": m.get("encode_config"), "augmentation": m.get("augmentation")}
+    index = record.get("index_manifest") or {}
+    return {
+        "model": {"path": record.get("model"), "fingerprint": record.get("model_fingerprint")},
+        "store": store,
+        "index": {"path": record.get("index"), "embedder": index.get("embedder"),
+                  "type": index.get("index_type")} if record.get("index") else None,
+        "dataset": record.get("dataset"), "data": record.get("data"), "limit": cfg.limit, "modes": list(cfg.modes),
+        "retrieval_method": record.get("retrieval_method"), "top_k": record.get("top_k"),
+        "dtype": record.get("dtype"), "max_new_tokens": record.get("max_new_tokens"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": record.get("versions"),
+    }
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -501,7 +538,8 @@ def _evaluate(cfg: EvalConfig, engine: Engine, modes: list[str], examples: list[
             bar.update(len(batch))
         bar.close()
     wanted = {ex["id"] for ex in examples}
-    results = summarize([r for r in records if r["id"] in wanted], modes, timing)
+    results = {**summarize([r for r in records if r["id"] in wanted], modes, timing),
+               SETTINGS: results_settings(cfg, engine, record)}
     atomic_write_json(out / RESULTS_JSON, results)
     title = f"{cfg.dataset}: {len(examples)} questions, top-{engine.config.top_k}, model {Path(str(engine.model)).name}"
     atomic_write_text(out / RESULTS_MD, results_markdown(results, title))

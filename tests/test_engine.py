@@ -197,11 +197,16 @@ def test_evaluate_writes_results_and_resumes(setup, tmp_path):
                 assert r["prediction"] == extract_answer(r["text"])
                 assert (r["em"], r["f1"]) == (score(r["prediction"], r["answers"]).em,
                                               score(r["prediction"], r["answers"]).f1)
-        assert set(res) == {"none", "prag"} and res["prag"]["n"] == 5 and res["prag"]["errors"] == 1
+        assert set(res) == {"none", "prag", "settings"} and res["prag"]["n"] == 5 and res["prag"]["errors"] == 1
+        settings = res["settings"]  # what produced the numbers
+        assert settings["model"]["fingerprint"] and settings["store"]["version"] == engine.store.version
+        assert settings["store"]["rank"] == engine.store.rank and settings["modes"] == ["none", "prag"]
+        assert (settings["top_k"], settings["dtype"], settings["limit"]) == (engine.config.top_k, "float32", cfg.limit)
+        assert settings["versions"]["prag"] and settings["date"][:2] == "20"
         assert set(res["prag"]["by_type"]) == {"even", "odd"} and res["prag"]["by_type"]["odd"]["n"] == 3
         assert res["none"]["questions_per_s"] > 0 and res["none"]["tokens_per_s"] > 0
         md = (out / "results.md").read_text()
-        assert "| mode | EM | F1 |" in md and "| prag |" in md
+        assert "| mode | EM | F1 |" in md and "| prag |" in md and "- top_k: " in md
         assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(res))
 
         # resume: lose the last 3 records and tear the one before, then rerun the same config
