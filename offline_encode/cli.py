@@ -35,7 +35,8 @@ def _encode(args: argparse.Namespace) -> int:
                               cpus_per_actor=args.ray_cpus_per_actor, max_actors=args.ray_max_actors,
                               gpu_actors=args.ray_gpu_actors)
     summary = encode_corpus(args.augmented, args.model, args.out, cfg, ray_address=args.ray_address,
-                            progress=not args.no_progress, docs_per_shard=args.docs_per_shard, ray_opts=ray_opts)
+                            progress=not args.no_progress, docs_per_shard=args.docs_per_shard, ray_opts=ray_opts,
+                            append=args.append)
     print(summary.format())
     if args.summary_json:
         from prag.io import atomic_write_json
@@ -82,6 +83,9 @@ def _register_encode(sub) -> None:
                    help=f"AdamW weight decay (default {d.weight_decay})")
     p.add_argument("--docs-per-step", type=int, default=d.docs_per_step,
                    help=f"documents trained together in one batched step (default {d.docs_per_step})")
+    p.add_argument("--append", action="store_true",
+                   help="add documents from another augmented source (file, augmenter or model) to an existing "
+                        "store; without it a different source is refused (ids already in the store are kept)")
     p.add_argument("--docs-per-shard", type=int,
                    help="documents per store shard = per commit (default 256); a killed run redoes at most these")
     p.add_argument("--storage-dtype", choices=["float32", "bfloat16", "float16"], default=d.storage_dtype,

@@ -239,11 +239,32 @@ class EncodeWorker:
 # The driver
 
 
+def source_key(augmentation: dict) -> tuple:
+    """What makes two augmented inputs one source: the file, its augmenter(s) and model(s). Its sha256
+    is recorded too, but not compared: an augmentation that was resumed or extended is the same source."""
+    return augmentation.get("path"), tuple(augmentation.get("augmenter") or ()), tuple(augmentation.get("model") or ())
+
+
+def check_same_source(store: AdapterStore, augmentation: dict, append: bool) -> None:
+    """Refuse to mix another augmented source into a store silently (its documents would be skipped as
+    'already encoded' when their ids repeat, or mixed in unannounced when they do not)."""
+    recorded = store.manifest.get("augmentation") or []
+    if append or not recorded or any(source_key(a) == source_key(augmentation) for a in recorded):
+        return
+    shown = "; ".join(f"{a.get('path')} (augmenter {', '.join(a.get('augmenter') or ['?'])})" for a in recorded[:3])
+    raise PragError(f"adapter store {store.path} was encoded from {shown}, not from {augmentation['path']} "
+                    f"(augmenter {', '.join(augmentation['augmenter']) or '?'}). Pass --append to add this source's "
+                    f"documents (ids already in the store are kept, not retrained), or choose another --out")
+
+
 def encode_corpus(augmented_path: str | Path, model: str | Path, store_dir: str | Path,
                   cfg: EncodeConfig = EncodeConfig(), ray_address: str | None = None, progress: bool = True,
                   *, docs_per_shard: int | None = None, prompt_cfg: PromptConfig = PromptConfig(),
-                  ray_opts: RayOptions | None = None) -> EncodeSummary:
+                  ray_opts: RayOptions | None = None, append: bool = False) -> EncodeSummary:
     """Train an adapter for every trainable, not yet encoded record of ``augmented_path`` into ``store_dir``.
+
+    An existing store keeps to its augmented source (same file, augmenter and model; the file may
+    have grown since); ``append=True`` is the explicit way to add documents from another source.
 
     ``docs_per_shard`` documents are trained and committed together (default 256, or fewer on Ray
     so that every worker gets shards); a killed run loses at most the shards in flight. ``ray_address``
@@ -262,12 +283,12 @@ def encode_corpus(augmented_path: str | Path, model: str | Path, store_dir: str 
     with resumable_output_dir(store_dir, STORE_OUTPUT, inputs=(augmented, model),
                               what="adapter store directory (--out)") as store_dir:
         return _encode_corpus(augmented, model, store_dir, cfg, ray_address, progress, docs_per_shard, prompt_cfg,
-                              ray_opts, started)
+                              ray_opts, started, append)
 
 
 def _encode_corpus(augmented: Path, model: str | Path, store_dir: Path, cfg: EncodeConfig, ray_address: str | None,
                    progress: bool, docs_per_shard: int | None, prompt_cfg: PromptConfig, ray_opts: RayOptions | None,
-                   started: float) -> EncodeSummary:
+                   started: float, append: bool = False) -> EncodeSummary:
     shard_docs = max(docs_per_shard or DEFAULT_SHARD_DOCS, 1)
     summary = EncodeSummary(augmented=str(augmented), store=str(store_dir), storage_dtype=cfg.storage_dtype,
                             ray_address=ray_address)
@@ -288,6 +309,7 @@ def _encode_corpus(augmented: Path, model: str | Path, store_dir: Path, cfg: Enc
         spec.augmentation = {"path": str(augmented.resolve()), "sha256": sha256_file(augmented),
                              "augmenter": sorted(plan.augmenters), "model": sorted(plan.models)}
         if store is not None:
+            check_same_source(store, spec.augmentation, append)
             store.record_augmentation(spec.augmentation)
         if plan.pending_lines:
             store = _train_pending(augmented, model, store_dir, cfg, prompt_cfg, spec, store, plan, shard_docs,

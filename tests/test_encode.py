@@ -327,3 +327,31 @@ def test_full_disk_leaves_a_consistent_store(encoded, augmented_file, tiny_model
     s = encode_corpus(augmented_file, tiny_model_dir, out, CFG, progress=False, docs_per_shard=4)
     assert s.trained == N_GOOD
     assert_same_store(out, encoded[0])
+
+
+def test_another_augmented_source_is_refused_unless_appended(tmp_path, tiny_model_dir):
+    """A second augmented file from another augmenter reported '0 encoded, N skipped' and nothing else."""
+    first = tmp_path / "hand.jsonl"
+    records = [{"doc_id": d, "passage": p, "rewrites": [r], "augmenter": "hand", "model": None,
+                "qa": [{"question": q, "answer": a, "full_answer": a} for q, a in qa]} for d, p, r, qa in DOCS[:2]]
+    first.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "store"
+    assert encode_corpus(first, tiny_model_dir, out, CFG, progress=False).trained == 2
+    # the same file, grown (a resumed augmentation): the same source, resumed without a word
+    d, p, r, qa = DOCS[2]
+    with first.open("a") as fh:
+        fh.write(json.dumps({"doc_id": d, "passage": p, "rewrites": [r], "augmenter": "hand", "model": None,
+                             "qa": [{"question": q, "answer": a, "full_answer": a} for q, a in qa]}) + "\n")
+    assert encode_corpus(first, tiny_model_dir, out, CFG, progress=False).trained == 1
+    other = tmp_path / "rule.jsonl"  # another augmenter over overlapping and new documents
+    other.write_text("".join(json.dumps({**rec, "augmenter": "rule"}) + "\n" for rec in records)
+                     + json.dumps({**records[0], "doc_id": "new-doc", "augmenter": "rule"}) + "\n")
+    with pytest.raises(PragError, match=r"was encoded from .*hand\.jsonl.*--append"):
+        encode_corpus(other, tiny_model_dir, out, CFG, progress=False)
+    with AdapterStore.open(out) as st:
+        assert len(st) == 3 and len(st.manifest["augmentation"]) == 2  # the refused source left no trace
+    s = encode_corpus(other, tiny_model_dir, out, CFG, progress=False, append=True)
+    assert (s.trained, s.already_encoded) == (1, 2)
+    with AdapterStore.open(out) as st:
+        assert "new-doc" in st and [a["augmenter"] for a in st.manifest["augmentation"]][-1] == ["rule"]
+        assert {a["path"] for a in st.manifest["augmentation"]} == {str(first.resolve()), str(other.resolve())}
