@@ -188,3 +188,29 @@ def test_new_store_version_gets_a_new_adapter_and_no_stale_kv(tiny_model_dir, st
 def test_handover_setting_is_checked(tiny_model_dir, stores, shared_llm):
     with pytest.raises(PragError, match="adapter_handover must be auto, memory or dir"):
         _engine(tiny_model_dir, stores["one"], shared_llm, handover="disk")
+
+
+def test_unavailable_memory_path_falls_back_to_directories_or_is_refused(tiny_model_dir, stores, shared_llm,
+                                                                         monkeypatch, caplog):
+    """Outside the tested vLLM range (or with the worker in another process) ``auto`` warns once and uses
+    tmpfs directories, with the same tokens; an explicit ``memory`` is refused with the reason."""
+    from engine.vllm_backend import compat
+
+    monkeypatch.setattr(compat, "vllm_version", lambda: ("0.40.0", (0, 40, 0)))
+    with pytest.raises(PragError, match=r"adapter_handover='memory' is not possible: vLLM 0.40.0 is outside"):
+        _engine(tiny_model_dir, stores["one"], shared_llm, handover="memory")
+    with caplog.at_level("WARNING", logger="engine.engine"):
+        engine = _engine(tiny_model_dir, stores["one"], shared_llm)
+    try:
+        warnings = [r.getMessage() for r in caplog.records if "tmpfs directories" in r.getMessage()]
+        assert len(warnings) == 1 and "outside the tested range" in warnings[0]
+        assert engine.handover == "dir" and engine.cache.root.is_dir()
+        monkeypatch.undo()
+        mem = _engine(tiny_model_dir, stores["one"], shared_llm)
+        try:
+            assert _tokens(engine, SETS[:2])[0] == _tokens(mem, SETS[:2])[0]
+            assert engine.last_stats.write_s > 0 and any(engine.cache.root.iterdir())
+        finally:
+            mem.close()
+    finally:
+        engine.close()
