@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from offline_encode.augment.records import record_doc_id, record_problem
 from offline_encode.config import EncodeConfig
@@ -184,6 +184,9 @@ class EncodeWorker:
         self._layout: Layout | None = None
         # Two calls may run at once (WorkerPool concurrency 2): one trains while the other writes its shard.
         self._train_lock = threading.Lock()
+        # In-process only: called per training step with the documents' worth of work done (a Ray actor
+        # reports per shard, through its result)
+        self.on_progress: Callable[[float], None] | None = None
 
     def _get_trainer(self):
         if self._trainer is None:
@@ -220,7 +223,7 @@ class EncodeWorker:
             docs = [build_training_sequences(trainer.tokenizer, r, self.prompt_cfg, self.cfg.with_cot)
                     for r in records]
             start = time.perf_counter()
-            adapters = trainer.train(docs)
+            adapters = trainer.train(docs, on_progress=self.on_progress)
             seconds = time.perf_counter() - start
             failed = {i: (f.reason, f.detail) for i, f in trainer.last_stats.failed.items()}
         for i, adapter in enumerate(adapters):
@@ -363,7 +366,11 @@ def _run_shards(pool: WorkerPool, store: AdapterStore, augmented: Path, plan: _P
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_pending, desc="encode", unit="doc")
+        # docs/s and an ETA from tqdm; in-process the bar moves every training step, on Ray per shard
+        bar = tqdm(total=n_pending, desc="encode", unit="doc", smoothing=0.1,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
+        if pool.local_worker is not None:
+            pool.local_worker.on_progress = bar.update
     try:
         shards = chunked(_pending_records(augmented, plan.pending_lines), shard_docs)
         for _, (meta, train_seconds, failures) in pool.map("encode_shard", shards):
@@ -374,8 +381,10 @@ def _run_shards(pool: WorkerPool, store: AdapterStore, augmented: Path, plan: _P
             summary.train_seconds += train_seconds
             for doc_id, reason, detail in failures:
                 summary.add_failure(doc_id, reason, detail)
-            if bar is not None:
+            if bar is not None and pool.local_worker is None:
                 bar.update((len(meta.doc_ids) if meta is not None else 0) + len(failures))
     finally:
         if bar is not None:
+            if pool.local_worker is not None:
+                pool.local_worker.on_progress = None
             bar.close()

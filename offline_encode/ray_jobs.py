@@ -196,6 +196,11 @@ class WorkerPool:
         self.plan = (n, cpu_each, gpu_each)
 
     @property
+    def local_worker(self) -> Any:
+        """The in-process worker instance, or None when the workers are Ray actors."""
+        return self._local
+
+    @property
     def size(self) -> int:
         return 1 if self._local is not None else len(self._actors)
 

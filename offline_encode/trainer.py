@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -273,13 +273,17 @@ class BatchedLoraTrainer:
         self._hooks = []
 
     # ------------------------------------------------------------------ training
-    def train(self, docs: Sequence[Sequence[Sequence[int]]], progress: bool = False) -> list[Adapter]:
+    def train(self, docs: Sequence[Sequence[Sequence[int]]], progress: bool = False,
+              on_progress: Callable[[float], None] | None = None) -> list[Adapter]:
         """One adapter per document (each document = its list of token sequences), in input order.
 
         Returned tensors are CPU float32 in the key convention of ``offline_encode.config``. A document
         whose loss, gradient or weights became non-finite is listed in ``last_stats.failed`` (its tensors
         are still returned, for inspection, but must not be stored); the others are unaffected by it,
         since every document has its own rows and AdamW is element-wise.
+
+        ``on_progress(docs)`` is called after every training step with the documents' worth of work that
+        step did (each example is 1/len(its document's examples)), so a bar moves per step, not per group.
         """
         for i, seqs in enumerate(docs):
             if not seqs:
@@ -299,13 +303,13 @@ class BatchedLoraTrainer:
             from tqdm import tqdm
 
             bar = tqdm(total=len(docs), desc="encode", unit="doc")
+        report = on_progress if bar is None else (bar.update if on_progress is None else
+                                                   lambda d: (bar.update(d), on_progress(d)))
         for group in groups:
-            adapters, failures = self._train_group([per_doc[i] for i in group], stats)
+            adapters, failures = self._train_group([per_doc[i] for i in group], stats, report)
             for i, adapter in zip(group, adapters):
                 results[i] = adapter
             stats.failed.update({group[j]: failure for j, failure in failures.items()})
-            if bar is not None:
-                bar.update(len(group))
         if bar is not None:
             bar.close()
         if self.device.type == "cuda":
@@ -314,8 +318,9 @@ class BatchedLoraTrainer:
         self.last_stats = stats
         return results  # type: ignore[return-value]
 
-    def _train_group(self, examples: list[list[list[int]]],
-                     stats: TrainStats) -> tuple[list[Adapter], dict[int, DocFailure]]:
+    def _train_group(self, examples: list[list[list[int]]], stats: TrainStats,
+                     on_progress: Callable[[float], None] | None = None
+                     ) -> tuple[list[Adapter], dict[int, DocFailure]]:
         """Train documents whose example lists are sorted by length, longest first; also returns the
         failures by position in ``examples``."""
         n, cfg = len(examples), self.cfg
@@ -354,6 +359,8 @@ class BatchedLoraTrainer:
                     p.grad = None
                 stats.steps += 1
                 losses.append(step_loss)
+                if on_progress is not None:  # host-side arithmetic on known lengths: no device sync
+                    on_progress(sum(1.0 / len(examples[i]) for i in range(k)))
         finally:
             self._active = None
         stats.losses.extend(torch.stack(losses).tolist() if losses else [])  # one device sync per group

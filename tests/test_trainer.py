@@ -260,3 +260,13 @@ def test_bad_inputs_fail_clearly(trainer):
         BatchedLoraTrainer(trainer.model, CFG, init_adapter=bad)
     with pytest.raises(PragError, match="does not exist"):
         BatchedLoraTrainer("/nonexistent/model", CFG)
+
+
+def test_progress_is_reported_every_training_step_and_adds_up_to_the_documents(trainer, sequences, batched):
+    """Encode progress used to move only when a whole shard (256 documents) finished."""
+    calls: list[float] = []
+    got = trainer.train(sequences, on_progress=calls.append)
+    assert len(calls) == trainer.last_stats.steps > len(sequences)
+    assert sum(calls) == pytest.approx(len(sequences), abs=1e-9)
+    assert all(c > 0 for c in calls)
+    assert_adapters_close(got, batched, atol=0, rtol=0)  # reporting does not change the training
