@@ -15,7 +15,8 @@ def _build(args: argparse.Namespace) -> int:
     cfg = IndexConfig(index_type=args.index_type, embedder=args.embedder, device=args.device,
                       batch_size=args.batch_size, chunk_size=args.chunk_size, nlist=args.nlist, nprobe=args.nprobe,
                       train_size=args.train_size, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
-                      ef_search=args.ef_search, bm25=args.bm25, allow_download=args.allow_download)
+                      ef_search=args.ef_search, bm25=args.bm25, bm25_k1=args.bm25_k1, bm25_b=args.bm25_b,
+                      allow_download=args.allow_download)
     result = build_index(args.corpus, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     print(result.summary())
     return 0
@@ -104,6 +105,10 @@ def register(sub) -> None:
     b.add_argument("--bm25", action="store_true",
                    help="also build a BM25 index (enables --method bm25|hybrid; holds the corpus tokens in RAM "
                         "while building)")
+    b.add_argument("--bm25-k1", type=float, default=1.2,
+                   help="BM25 term-frequency saturation (default 1.2, Elasticsearch's and so the paper's)")
+    b.add_argument("--bm25-b", type=float, default=0.75,
+                   help="BM25 length normalisation, 0..1 (default 0.75, Elasticsearch's)")
     b.add_argument("--batch-size", type=int, default=64, help="texts per embedder forward pass (default 64)")
     b.add_argument("--chunk-size", type=int, default=4096,
                    help="passages embedded and added per step; bounds memory (default 4096)")

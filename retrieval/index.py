@@ -62,6 +62,8 @@ class IndexConfig:
     ef_construction: int = 200         # hnsw: build-time beam
     ef_search: int = 128               # hnsw: query-time beam (stored, overridable at load)
     bm25: bool = False                 # also build a bm25s index for --method bm25|hybrid
+    bm25_k1: float = 1.2               # Elasticsearch's defaults, which the paper used through Elasticsearch
+    bm25_b: float = 0.75
     allow_download: bool = False       # fetch an embedder missing from the HF cache (else fail at once)
     seed: int = 0                      # ivf training sample
 
@@ -72,6 +74,10 @@ class IndexConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise PragError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.bm25_k1, (int, float)) and math.isfinite(self.bm25_k1) and self.bm25_k1 >= 0):
+            raise PragError(f"bm25_k1 (--bm25-k1) must be a finite number >= 0, got {self.bm25_k1!r}")
+        if not (isinstance(self.bm25_b, (int, float)) and 0 <= self.bm25_b <= 1):
+            raise PragError(f"bm25_b (--bm25-b) must be between 0 and 1, got {self.bm25_b!r}")
         for name in ("nlist", "nprobe"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -190,8 +196,12 @@ def _embed_chunk(embedder: Embedder, docs: list, bar, step: int = 512) -> np.nda
     return np.concatenate(parts)
 
 
-def _build_bm25(store: DocStore, out: Path, chunk: int, progress: bool = True) -> None:
-    """bm25s keeps the token ids of the whole corpus in memory; it is an option for that reason."""
+def _build_bm25(store: DocStore, out: Path, chunk: int, progress: bool = True, k1: float = 1.2,
+                b: float = 0.75) -> None:
+    """bm25s keeps the token ids of the whole corpus in memory; it is an option for that reason.
+
+    Lucene's BM25 (the scoring Elasticsearch runs): idf = ln(1 + (N - df + 0.5) / (df + 0.5)), term part
+    tf / (tf + k1 (1 - b + b |d| / avgdl)); k1 and b are saved with the index and restored on load."""
     import bm25s
     from bm25s.tokenization import Tokenized, Tokenizer
 
@@ -201,7 +211,7 @@ def _build_bm25(store: DocStore, out: Path, chunk: int, progress: bool = True) -
                      unit="chunk", disable=not progress):
         ids += tokenizer.tokenize([passage_text(d.title, d.text) for d in docs], update_vocab=True,
                                   return_as="ids", show_progress=False)
-    model = bm25s.BM25()
+    model = bm25s.BM25(k1=k1, b=b, method="lucene")
     model.index(Tokenized(ids=ids, vocab=tokenizer.get_vocab_dict()), show_progress=False)
     out.mkdir()
     model.save(str(out))
@@ -257,7 +267,8 @@ def build_index(corpus: str | Path, out: str | Path, cfg: IndexConfig | None = N
                 raise PragError(f"internal error: FAISS holds {index.ntotal} vectors for {n} documents")
             faiss.write_index(index, str(tmp / FAISS_FILE))
             if cfg.bm25:
-                _build_bm25(store, tmp / "bm25", cfg.chunk_size, progress)
+                _build_bm25(store, tmp / "bm25", cfg.chunk_size, progress, cfg.bm25_k1, cfg.bm25_b)
+                params = {**params, "bm25_k1": cfg.bm25_k1, "bm25_b": cfg.bm25_b}
         finally:
             store.close()
         (tmp / BUILDING_FILE).unlink()

@@ -394,3 +394,47 @@ def test_killed_build_leaves_no_index_and_next_build_is_clean(tmp_path, small, e
     assert list(tmp_path.glob(".idx.*.tmp")) == []  # the dead build's directory was removed
     with Retriever.load(out, embedder=embedder) as r:
         assert len(r) == 11
+
+
+@pytest.mark.parametrize("k1,b", [(1.2, 0.75), (0.9, 0.4)])
+def test_bm25_scores_are_lucenes_with_elasticsearchs_defaults(tmp_path, embedder, k1, b):
+    """The paper retrieved with Elasticsearch: Lucene's BM25, k1=1.2, b=0.75 unless told otherwise."""
+    import math
+
+    from bm25s.tokenization import Tokenizer
+
+    docs = [{"id": "a", "title": "", "text": "glass glass works in the old town of Esterhalm"},
+            {"id": "b", "title": "", "text": "the river Ulna flows past Esterhalm and the glass works"},
+            {"id": "c", "title": "", "text": "a mill on the river"},
+            {"id": "d", "title": "", "text": "bread and salt"}]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
+    cfg = IndexConfig(bm25=True) if (k1, b) == (1.2, 0.75) else IndexConfig(bm25=True, bm25_k1=k1, bm25_b=b)
+    out = build_index(corpus, tmp_path / "idx", cfg, embedder=embedder, progress=False).out
+    assert read_manifest(out).index_params["bm25_k1"] == k1 and read_manifest(out).index_params["bm25_b"] == b
+    tok = Tokenizer(stopwords="en")
+    tokens = [tok.tokenize([passage_text(d["title"], d["text"])], return_as="tuple", update_vocab=True,
+                           show_progress=False).ids[0] for d in docs]
+    vocab = tok.get_vocab_dict()
+    inv = {i: w for w, i in vocab.items()}
+    words = [[inv[i] for i in t] for t in tokens]
+    avgdl = sum(map(len, words)) / len(words)
+
+    def expected(query: list[str], doc: list[str]) -> float:
+        score = 0.0
+        for w in set(query):
+            df = sum(w in d for d in words)
+            tf = doc.count(w)
+            if tf:
+                idf = math.log(1 + (len(words) - df + 0.5) / (df + 0.5))
+                score += idf * tf / (tf + k1 * (1 - b + b * len(doc) / avgdl))
+        return score
+
+    with Retriever.load(out) as r:
+        hits = r.search(["glass river Esterhalm"], 4, method="bm25")[0]
+    want = sorted(((d["id"], expected(["glass", "river", "esterhalm"], w)) for d, w in zip(docs, words)),
+                  key=lambda x: -x[1])
+    want = [(d, s) for d, s in want if s > 0]
+    assert [d for d, _ in hits] == [d for d, _ in want]
+    np.testing.assert_allclose([s for _, s in hits], [s for _, s in want], rtol=1e-5)
+    with pytest.raises(PragError, match="--bm25-b"):
+        IndexConfig(bm25=True, bm25_b=1.5).validate()
