@@ -218,7 +218,9 @@ class Engine:
         ``documents``: doc id -> text (or ``Document``) for passages when there is no index."""
         from prag.model_files import check_model_dir
 
-        check_model_dir(model)  # missing model, truncated weights or no tokenizer: a named error before vLLM
+        # missing model, truncated weights or no tokenizer: a named error before vLLM. The tokenizer and
+        # vLLM load the resolved directory, so a cached hub id never sends them to the network.
+        self.model_dir = str(check_model_dir(model))
         self.model = str(model)
         self.config = config or EngineConfig()
         self.prompt_cfg = self.config.resolved_prompt()
@@ -237,7 +239,7 @@ class Engine:
         if tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.model)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.tokenizer = tokenizer
         needed = smallest_lora_rank(self.config.top_k * (self.rank or 1))
         if llm is None:
@@ -251,7 +253,7 @@ class Engine:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.config.kv_cache_gib))
             # LoRA slots cost memory and time; without a store no mode can use them
             targets = tuple(self.store.target_modules) if self.store is not None else None
-            llm = make_llm(self.config.llm_config(self.model, rank, enable_lora=self.store is not None,
+            llm = make_llm(self.config.llm_config(self.model_dir, rank, enable_lora=self.store is not None,
                                                   lora_target_modules=targets))
             self._owns_llm = True
         else:

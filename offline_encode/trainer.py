@@ -123,9 +123,10 @@ def load_base_model(path: str | Path, device: torch.device, dtype: torch.dtype):
     """Frozen HF causal LM + tokenizer from a local directory (safetensors only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(path).exists():
-        raise PragError(f"--model: {path} does not exist (expected a HF model directory)")
-    check_model_dir(path)  # a truncated weight file or a missing tokenizer: a named error, not a Rust traceback
+    # a local directory or a cached hub id (never a download); a truncated weight file or a missing
+    # tokenizer is a named error, not a Rust traceback. Loading the resolved directory keeps
+    # transformers off the network for a cached hub id.
+    path = check_model_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,

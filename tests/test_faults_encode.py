@@ -289,3 +289,26 @@ def test_encode_names_the_non_utf8_line(tmp_path, tiny_model_dir, capsys):
     assert rc == 2
     assert f"{aug}:3: not UTF-8 text (byte 0xe9 at column 37)" in err
     assert not AdapterStore.exists(tmp_path / "s")
+
+
+def test_a_cached_hub_model_name_loads_from_the_cache_without_the_network(tiny_model_dir, tmp_path):
+    """A hub id in the local cache is loaded from its snapshot directory: with HF_HUB_OFFLINE unset and no
+    network, transformers given the *name* would spend a minute retrying the hub (encode refused names)."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny-llama" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snap)
+    (cache / "models--acme--tiny-llama" / "refs").mkdir()
+    (cache / "models--acme--tiny-llama" / "refs" / "main").write_text("0" * 40)
+    script = ("import sys\n"
+              "from prag.model_files import check_model_dir\n"
+              "from offline_encode.trainer import BatchedLoraTrainer\n"
+              "from offline_encode.config import EncodeConfig\n"
+              "print(check_model_dir('acme/tiny-llama'))\n"
+              "t = BatchedLoraTrainer('acme/tiny-llama', EncodeConfig(device='cpu', compute_dtype='float32'))\n"
+              "print('OK', type(t.model).__name__)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf-home"), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0] == str(snap) and "OK LlamaForCausalLM" in proc.stdout
