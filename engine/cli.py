@@ -39,6 +39,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run vLLM's engine core inside this process (default: yes on a CPU, where a separate "
                         "busy-waiting engine process takes a core from the model; no on a GPU)")
+    p.add_argument("--on-missing-adapter", choices=["error", "skip-doc", "fallback-rag"], default="error",
+                   help="a retrieved document without an adapter (prag/combine): error (default; eval stops before "
+                        "generating and prints the select/augment/encode commands that fill the gap, serve fails "
+                        "that request), skip-doc (merge only the documents that have adapters) or fallback-rag "
+                        "(also put the others in the prompt as passages)")
+    p.add_argument("--adapter-handover", choices=["auto", "memory", "dir"], default="auto",
+                   help="how merged adapters reach vLLM: memory (no files; needs vLLM's worker in this process), "
+                        "dir (a PEFT folder on tmpfs), auto (memory where possible, default)")
     p.add_argument("--engine-arg", action="append", type=_engine_arg, default=[], metavar="KEY=VALUE",
                    help="any other vllm.LLM argument, e.g. --engine-arg enforce_eager=true (repeatable)")
 
@@ -57,7 +65,8 @@ def engine_config(args: argparse.Namespace):
         dtype=args.dtype, max_model_len=args.max_model_len, max_lora_rank=args.max_lora_rank,
         max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=args.gpu_memory_utilization, in_process=args.in_process,
-        engine_args=dict(args.engine_arg),
+        engine_args=dict(args.engine_arg), on_missing_adapter=args.on_missing_adapter,
+        adapter_handover=args.adapter_handover,
         adapter_dir=args.adapter_dir, adapter_cache_bytes=args.adapter_cache_mb << 20)
 
 
@@ -73,12 +82,12 @@ _UNSET = _Unset()
 _RECORDED_FLAGS = ("model", "index", "store", "dataset", "data", "modes", "limit", "batch_size", "top_k",
                    "max_new_tokens", "cot", "fewshot", "retrieval_method", "dtype", "max_model_len", "max_loras",
                    "max_cpu_loras", "max_lora_rank", "kv_cache_gib", "gpu_memory_utilization", "adapter_dir",
-                   "adapter_cache_mb", "in_process", "engine_arg")
+                   "adapter_cache_mb", "in_process", "engine_arg", "on_missing_adapter", "adapter_handover")
 # flags copied as they are onto the recorded EvalConfig / EngineConfig
 _EVAL_OVERRIDES = ("model", "index", "store", "dataset", "data", "limit", "batch_size")
 _ENGINE_OVERRIDES = ("top_k", "max_new_tokens", "retrieval_method", "dtype", "max_model_len", "max_loras",
                      "max_cpu_loras", "max_lora_rank", "kv_cache_gib", "gpu_memory_utilization", "adapter_dir",
-                     "in_process")
+                     "in_process", "on_missing_adapter", "adapter_handover")
 
 
 def _given_flags(args: argparse.Namespace) -> set[str]:
@@ -181,6 +190,7 @@ def register(sub) -> None:
                    help="how long to wait for more requests to batch together (default 5 ms)")
     add_engine_flags(p)
     p.set_defaults(func=_serve)
+    register_run(sub)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -200,3 +210,45 @@ def _serve(args: argparse.Namespace) -> int:
                                    served_model_name=args.served_model_name, default_mode=args.default_mode,
                                    batch_window_ms=args.batch_window_ms))
     return 0
+
+
+# -- prag run: the whole pipeline from one config (engine/pipeline.py) ---------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from engine.pipeline import load_run_config, run_pipeline
+
+    cfg = load_run_config(args.config)
+    if args.run_dir:
+        from engine.pipeline import validate_run_config
+
+        cfg = validate_run_config(replace(cfg, run_dir=args.run_dir))
+    redo = [s.strip() for s in args.redo.split(",") if s.strip()] if args.redo else []
+    summary = run_pipeline(cfg, ray_address=args.ray_address, redo=redo, progress=not args.quiet)
+    print(summary.format())
+    return 0
+
+
+def register_run(sub) -> None:
+    from engine.pipeline import STAGES
+
+    p = sub.add_parser(
+        "run", help="the whole pipeline from one YAML config: index -> select -> augment -> encode -> eval",
+        description="Run (or resume) every stage of CONFIG.yaml into its run_dir: RUN_DIR/<stage>/ holds each "
+                    "stage's output and RUN_DIR/run.json the resolved config, package versions, the model "
+                    "fingerprint and each stage's hash, status and time. A stage whose output is complete and "
+                    "whose settings and inputs are unchanged is skipped; an interrupted stage resumes; a stage "
+                    "whose settings changed is refused (naming what changed) unless --redo names it. "
+                    "See configs/demo.yaml and configs/paper/.")
+    p.add_argument("config", metavar="CONFIG.yaml", help="the run config (see configs/ and the README)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="run the stages that support Ray on this cluster (host:port, ray://..., auto or local): "
+                        "today augment and encode; index, select and eval still run on this machine")
+    p.add_argument("--run-dir", help="override the config's run_dir")
+    p.add_argument("--redo", metavar="STAGE[,STAGE]",
+                   help=f"rebuild these stages and every later one, deleting their previous output in the run "
+                        f"folder (stages: {', '.join(STAGES)})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines, only the summary")
+    p.set_defaults(func=_run)

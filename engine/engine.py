@@ -47,6 +47,16 @@ log = logging.getLogger(__name__)
 MODES = ("none", "rag", "prag", "combine")
 PASSAGE_MODES = ("rag", "combine")
 ADAPTER_MODES = ("prag", "combine")
+# What a retrieved document without an adapter does to a prag/combine question: "error" fails the
+# question (the eval harness fails the whole run before generating, listing the gap), "skip-doc" merges
+# only the documents that have adapters, "fallback-rag" also puts the others in the prompt as passages.
+MISSING_ADAPTER_POLICIES = ("error", "skip-doc", "fallback-rag")
+
+
+def check_missing_policy(policy: str) -> str:
+    if policy not in MISSING_ADAPTER_POLICIES:
+        raise PragError(f"--on-missing-adapter must be one of {', '.join(MISSING_ADAPTER_POLICIES)}, got {policy!r}")
+    return policy
 MAX_LORA_RANK = SUPPORTED_LORA_RANKS[-1]
 
 
@@ -113,6 +123,9 @@ class EngineConfig:
     # check every adapter row read from the store (checksum + finite values) before it reaches vLLM: a bad
     # row fails only the questions that need it (CorruptAdapterError), instead of NaN leaking into the batch
     verify_rows: bool = True
+    # a retrieved document without an adapter (prag/combine): error | skip-doc | fallback-rag (see
+    # MISSING_ADAPTER_POLICIES); "error" fails that question here, and a whole eval run before it starts
+    on_missing_adapter: str = "error"
 
     def resolved_prepare_threads(self) -> int:
         if self.prepare_threads is not None:
@@ -156,6 +169,9 @@ class Answer:
     truncation: dict | None = None
     lora_name: str | None = None
     finish_reason: str | None = None
+    # retrieved documents that had no adapter, and the policy that handled them (None: none missing)
+    missing_doc_ids: list[str] = field(default_factory=list)
+    on_missing_adapter: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -384,10 +400,13 @@ class Engine:
             self._row_merges[k] = merge
         return merge
 
-    def _passages(self, answers: Sequence[Answer], idx: Sequence[int]) -> dict[int, list[str]]:
-        """Passage texts per question; a question whose documents cannot be fetched gets an error."""
+    def _passages(self, answers: Sequence[Answer], idx: Sequence[int],
+                  which: Mapping[int, list[str]] | None = None) -> dict[int, list[str]]:
+        """Passage texts per question (its ``doc_ids``, or ``which[i]``); a question whose documents cannot
+        be fetched gets an error."""
         out: dict[int, list[str]] = {}
-        unique = list(dict.fromkeys(d for i in idx for d in answers[i].doc_ids))
+        ids_of = (lambda i: which[i]) if which is not None else (lambda i: answers[i].doc_ids)
+        unique = list(dict.fromkeys(d for i in idx for d in ids_of(i)))
         texts: dict[str, str] = {}
         if self.documents is not None:
             for d in unique:
@@ -404,14 +423,14 @@ class Engine:
                     except PragError:
                         pass
         for i in idx:
-            missing = [d for d in answers[i].doc_ids if d not in texts]
+            missing = [d for d in ids_of(i) if d not in texts]
             if missing:
                 src = "the documents mapping" if self.documents is not None else "the index"
                 answers[i].error = f"document id(s) {missing[:5]} not found in {src}" \
                     if (self.documents is not None or self.retriever is not None) \
                     else "mode needs passages but the engine has no index or documents"
             else:
-                out[i] = [texts[d] for d in answers[i].doc_ids]
+                out[i] = [texts[d] for d in ids_of(i)]
         return out
 
     # -- the public call -------------------------------------------------------------------------
@@ -424,6 +443,7 @@ class Engine:
         Answer's ``error`` and the rest of the batch still runs; configuration problems raise PragError.
         """
         check_mode(mode)
+        check_missing_policy(self.config.on_missing_adapter)
         if isinstance(questions, str):
             raise PragError("generate() takes a list of questions, not a single string")
         questions = list(questions)
@@ -486,10 +506,25 @@ class Engine:
         # 2. adapters: one job per distinct document set, started now, finished while we tokenise
         futures: dict[CacheKey, Future] = {}
         keys: dict[int, CacheKey] = {}
+        fallback_passages: dict[int, list[str]] = {}  # prag + fallback-rag: the adapter-less documents
         if mode in ADAPTER_MODES:
             version = self.store.version
+            policy = self.config.on_missing_adapter
+            if policy != "error":  # "error": the merge below raises MissingAdapterError for that question
+                unique = list(dict.fromkeys(d for i in live for d in answers[i].doc_ids))
+                absent = set(self.store.missing(unique))
+                for i in live:
+                    a = answers[i]
+                    a.missing_doc_ids = [d for d in a.doc_ids if d in absent]
+                    if a.missing_doc_ids:
+                        a.on_missing_adapter = policy
+                        if policy == "fallback-rag" and mode not in PASSAGE_MODES:
+                            fallback_passages[i] = a.missing_doc_ids
             for i in live:
-                key = make_key(answers[i].doc_ids, version)
+                present = [d for d in answers[i].doc_ids if d not in answers[i].missing_doc_ids]
+                if not present:  # skip-doc / fallback-rag with no adapter at all: the base model answers
+                    continue
+                key = make_key(present, version)
                 if len(key[0]) * self.rank > self.max_lora_rank:
                     answers[i].error = (f"{len(key[0])} documents x rank {self.rank} exceed the engine's "
                                         f"max_lora_rank {self.max_lora_rank}")
@@ -505,7 +540,8 @@ class Engine:
         try:
             # 3. passages and prompt token ids (main thread, overlapping the adapter jobs)
             t0 = time.perf_counter()
-            passages = self._passages(answers, live) if mode in PASSAGE_MODES else {}
+            passages = self._passages(answers, live) if mode in PASSAGE_MODES else \
+                self._passages(answers, list(fallback_passages), fallback_passages)
             live = [i for i in live if answers[i].ok]
             budget = self.max_model_len - max_new_tokens
             for i in live:
@@ -555,7 +591,9 @@ class Engine:
             else:
                 by_key: dict[CacheKey, list[int]] = {}
                 for i in live:
-                    by_key.setdefault(keys[i], []).append(i)
+                    if i in keys:
+                        by_key.setdefault(keys[i], []).append(i)
+                submit([i for i in live if i not in keys], None)  # every document lacked an adapter
                 waiting = {futures[key]: key for key in by_key}
                 while waiting:
                     done = [fut for fut in waiting if fut.done()]

@@ -90,6 +90,8 @@ def make_record(example: Example, answer: Answer) -> dict:
         rec["lora_name"] = answer.lora_name
     if answer.truncated:
         rec["truncated"], rec["truncation"] = True, answer.truncation
+    if answer.on_missing_adapter:
+        rec["missing_doc_ids"], rec["on_missing_adapter"] = answer.missing_doc_ids, answer.on_missing_adapter
     if answer.error is not None:
         rec["error"] = answer.error
     return rec
@@ -130,6 +132,11 @@ def summarize(records: Sequence[dict], modes: Sequence[str], timing: dict | None
             "tokens_per_s": t.get("generated_tokens", 0) / secs if secs > 0 else 0.0,
             "by_type": {k: _metrics(v) for k, v in sorted(types.items())},
         }
+        touched = [r for r in recs if r.get("on_missing_adapter")]
+        if touched:  # questions the missing-adapter policy changed (skip-doc / fallback-rag)
+            out[mode]["missing_adapter"] = {
+                "policy": touched[0]["on_missing_adapter"], "questions": len(touched),
+                "documents": len({d for r in touched for d in r["missing_doc_ids"]})}
     return out
 
 
@@ -238,12 +245,12 @@ CONFIG_FORMAT = 2
 RECORD_ONLY = ("requested", "runtime")  # recorded in config.json, not compared on resume
 # EngineConfig fields the identity holds (resolved); every other field is recorded under "runtime"
 _IDENTITY_ENGINE_FIELDS = ("top_k", "max_new_tokens", "chain_of_thought", "fewshot", "prompt", "retrieval_method",
-                           "dtype", "max_model_len", "seed", "engine_args", "adapter_dtype")
+                           "dtype", "max_model_len", "seed", "engine_args", "adapter_dtype", "on_missing_adapter")
 _RUNTIME_EVAL_FIELDS = ("modes", "limit", "batch_size")
 IDENTITY_KEYS = ("format", "model", "model_fingerprint", "index", "index_manifest", "store", "store_version",
                  "dataset", "data", "data_sha256", "top_k", "retrieval_method", "max_new_tokens", "chain_of_thought",
                  "prompt", "chat_template_sha256", "fewshot_sha256", "dtype", "max_model_len", "seed", "engine_args",
-                 "adapter_dtype", "custom_ops", "lora_ops", "versions")
+                 "adapter_dtype", "on_missing_adapter", "custom_ops", "lora_ops", "versions")
 # fields of a resolved run's index manifest that say which index it is (not when or where it was built)
 _INDEX_IDENTITY = ("embedder", "dim", "index_type", "count", "corpus_sha256", "metric", "normalized",
                    "index_params", "bm25", "text_fields", "version")
@@ -338,6 +345,7 @@ def run_identity(cfg: EvalConfig, engine: Engine | None = None, tokenizer: Any =
         "dtype": llm_dtype(engine.llm) if engine is not None else resolve_dtype(model, ec.dtype),
         "max_model_len": engine.max_model_len if engine is not None else ec.max_model_len,
         "seed": ec.seed, "engine_args": dict(ec.engine_args), "adapter_dtype": ec.adapter_dtype,
+        "on_missing_adapter": ec.on_missing_adapter,
         "lora_ops": _lora_ops(has_store), "versions": _versions(),
     }
     if engine is not None:
@@ -432,6 +440,7 @@ def load_run_config(path: str | Path, out: str) -> EvalConfig:
             fewshot=prompt["fewshot"] or None if rec["chain_of_thought"] else None, prompt=PromptConfig(**prompt),
             retrieval_method=rec["retrieval_method"], dtype=rec["dtype"], max_model_len=rec["max_model_len"],
             seed=rec["seed"], engine_args=dict(rec["engine_args"] or {}), adapter_dtype=rec["adapter_dtype"],
+            on_missing_adapter=rec["on_missing_adapter"],
             **{k: v for k, v in runtime.items() if k in engine_fields})
     except (TypeError, ValueError) as exc:
         raise PragError(f"{path}: bad value in the recorded engine settings: {exc}") from None
@@ -487,8 +496,9 @@ def evaluate(cfg: EvalConfig, engine: Engine | None = None) -> dict:
 
         from prag.model_files import check_model_dir
 
-        check_model_dir(cfg.model)  # truncated weights, no tokenizer: a named error before anything loads
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        # truncated weights, no tokenizer: a named error before anything loads; a cached hub id loads
+        # from its snapshot folder
+        tokenizer = AutoTokenizer.from_pretrained(check_model_dir(cfg.model))
         predicted = run_identity(cfg, tokenizer=tokenizer)
         _check_identity(Path(cfg.out), predicted, complete=False)
         _warn_if_not_exact(cfg, predicted)
@@ -498,6 +508,34 @@ def evaluate(cfg: EvalConfig, engine: Engine | None = None) -> dict:
     finally:
         if own:
             engine.close()
+
+
+def check_adapters_cover(cfg: EvalConfig, engine: Engine, adapter_modes: list[str], examples: list[Example]) -> None:
+    """``--on-missing-adapter error``: before generating, every document the questions retrieve must have
+    an adapter; otherwise stop, saying how many are missing and which commands fill the gap."""
+    if not adapter_modes or not examples or engine.store is None or engine.retriever is None \
+            or engine.config.on_missing_adapter != "error":
+        return
+    k, method = engine.config.top_k, engine.config.retrieval_method
+    hits = engine.retriever.search([ex["question"] for ex in examples], k, method=method)
+    unique = list(dict.fromkeys(d for h in hits for d, _ in h))
+    missing = engine.store.missing(unique)
+    if not missing:
+        return
+    questions = sum(1 for h in hits if any(d in set(missing) for d, _ in h))
+    limit = f" --limit {cfg.limit}" if cfg.limit is not None else ""
+    sel = "SELECTION"
+    raise PragError(
+        f"{len(missing)} of the {len(unique)} documents retrieved for {questions} question(s) have no adapter in "
+        f"{cfg.store} (first: {', '.join(missing[:5])}). Encode them first:\n"
+        f"  prag select --dataset {cfg.dataset} --data {cfg.data} --index {cfg.index} --top-k {k}{limit} "
+        f"--retrieval-method {method} --out {sel}\n"
+        f"  prag augment --corpus {sel}/corpus.jsonl --augmenter llm --model {cfg.model or engine.model} "
+        f"--out {sel}/augmented.jsonl\n"
+        f"  prag encode --augmented {sel}/augmented.jsonl --model {cfg.model or engine.model} --out {cfg.store} "
+        f"--append\n"
+        f"or rerun with --on-missing-adapter skip-doc (merge only the documents that have adapters) or "
+        f"fallback-rag (put the others in the prompt as passages)")
 
 
 def _evaluate(cfg: EvalConfig, engine: Engine, modes: list[str], examples: list[Example]) -> dict:
@@ -516,6 +554,8 @@ def _evaluate(cfg: EvalConfig, engine: Engine, modes: list[str], examples: list[
     if pending and engine.retriever is not None and hasattr(engine.retriever, "search"):
         # load the query embedder now, so its start-up is not billed to the first mode's questions/s
         engine.retriever.search([examples[0]["question"] or "warm-up"], 1, method=engine.config.retrieval_method)
+    check_adapters_cover(cfg, engine, [m for m in modes if m in ADAPTER_MODES],
+                         [ex for ex in examples if any((ex["id"], m) not in done for m in modes if m in ADAPTER_MODES)])
     for mode in modes:
         todo = [ex for ex in examples if (ex["id"], mode) not in done]
         if not todo:

@@ -209,8 +209,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None):
         return answers
 
     def _prag(a: Answer) -> dict:
-        return {"mode": a.mode, "doc_ids": a.doc_ids, "scores": a.scores, "prediction": a.prediction,
-                "truncated": a.truncated}
+        out = {"mode": a.mode, "doc_ids": a.doc_ids, "scores": a.scores, "prediction": a.prediction,
+               "truncated": a.truncated}
+        if a.on_missing_adapter:  # what the --on-missing-adapter policy did to this answer
+            out["missing_adapter"] = {"policy": a.on_missing_adapter, "doc_ids": a.missing_doc_ids}
+        return out
 
     def _usage(answers: list[Answer]) -> dict:
         p = sum(len(a.prompt_token_ids) for a in answers)
@@ -280,7 +283,15 @@ def create_app(engine: Engine, config: ServerConfig | None = None):
 
 def serve(engine: Engine, config: ServerConfig | None = None) -> None:
     """Run the server in the foreground until interrupted."""
+    import sys
+
     import uvicorn
 
+    from prag.logs import is_verbose
+
     cfg = config or ServerConfig()
-    uvicorn.run(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="info")
+    verbose = is_verbose()  # quiet: no uvicorn banner or per-request access lines, one line of our own
+    if not verbose:
+        print(f"prag serve: http://{cfg.host}:{cfg.port}/v1 (Ctrl+C stops)", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="info" if verbose else "warning",
+                access_log=verbose)
