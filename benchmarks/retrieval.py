@@ -38,6 +38,7 @@ def _rate(n: int, seconds: float) -> float:
 
 def run(data: Path, workdir: Path, k: int = 10, limit: int | None = None, latency_queries: int = 200) -> dict:
     import faiss
+    import numpy as np
     import torch
 
     from prag.io import atomic_write_jsonl
@@ -136,6 +137,16 @@ def run(data: Path, workdir: Path, k: int = 10, limit: int | None = None, latenc
                 "gold_recall@5": round(recall_at_k(ids, gold, 5), 4),
             }
     rows["bm25"]["build_s_without_embedding"] = round(bm25_seconds, 3)
+    # sizes on disk: what a corpus of N passages costs per index type (the doc store is extra, for all)
+    for t in TYPES:
+        rows[t]["index_bytes_per_passage"] = round((workdir / t / "index.faiss").stat().st_size / n, 1)
+    bm25_dir = workdir / "bm25" / "bm25"
+    rows["bm25"]["bytes_per_passage"] = round(sum(f.stat().st_size for f in bm25_dir.iterdir()) / n, 1)
+    rows["bm25"]["docstore_bytes_per_passage"] = round((workdir / "bm25" / "docs.sqlite").stat().st_size / n, 1)
+    with Retriever.load(workdir / "bm25", embedder=cached) as r:
+        r.search(questions[:1], 1, method="bm25")
+        rows["bm25"]["matrix_memory_mapped"] = all(isinstance(v, np.memmap) for v in r._bm25.model.scores.values()
+                                                   if hasattr(v, "shape"))
 
     return {
         "corpus": {"source": str(data), "passages": n, "questions": len(questions)},
@@ -172,9 +183,16 @@ def markdown(res: dict) -> str:
                      f"| {r['gold_recall@1']:.3f} | {r['gold_recall@5']:.3f} |")
     for t in ("bm25", "hybrid"):
         r = res["indexes"][t]
-        name = "bm25 (bm25s)" if t == "bm25" else "hybrid (flat + bm25, RRF)"
+        name = "bm25 (bm25s, k1=1.2, b=0.75)" if t == "bm25" else "hybrid (flat + bm25, RRF)"
         lines.append(f"| {name} | | | | | {r['end_to_end_qps']:,.0f} | | | {r['gold_recall@1']:.3f} "
                      f"| {r['gold_recall@5']:.3f} |")
+    b = res["indexes"]["bm25"]
+    if "bytes_per_passage" in b:
+        lines += ["", "Bytes per passage on disk: " + ", ".join(
+            f"{t} {res['indexes'][t]['index_bytes_per_passage']:,.0f}" for t in TYPES)
+            + f", bm25 {b['bytes_per_passage']:,.0f} (matrix memory-mapped at load: {b['matrix_memory_mapped']}); "
+            f"the doc store adds {b['docstore_bytes_per_passage']:,.0f} for every type. BM25 build (tokenise + "
+            f"index, no embedding): {b['build_s_without_embedding']:.2f} s."]
     for t, knob in (("ivf", "nprobe"), ("hnsw", "ef_search")):
         sweep = res["sweeps"][t]
         lines += ["", f"{t} {knob} sweep: " + ", ".join(
