@@ -126,17 +126,19 @@ def ray_session(opts: RayOptions) -> Iterator[Any]:
     """Connect to (or start) Ray for the block; disconnect afterwards if we connected."""
     import ray
 
+    from prag.logs import is_verbose
+
     if ray.is_initialized():  # e.g. a caller (or a test) already connected
         yield ray
         return
     if opts.address == LOCAL:
-        ray.init(num_cpus=opts.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=opts.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=is_verbose(),
                  configure_logging=False)
     else:
         address = resolve_address(opts.address)
         probe_address(address, opts.connect_timeout_s)
         try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            ray.init(address=address, log_to_driver=is_verbose(), configure_logging=False)
         except ConnectionError as exc:
             raise PragError(f"cannot connect to the Ray cluster at --ray-address {opts.address!r}: {exc}") from None
     try:

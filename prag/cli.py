@@ -11,6 +11,7 @@ import sys
 
 from prag import __version__
 from prag.errors import PragError
+from prag.logs import setup_logging
 
 
 def _fixture_model(args: argparse.Namespace) -> int:
@@ -48,12 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
     register_retrieval(sub)
     register_offline(sub)
     register_engine(sub)
+    parser.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
+    _add_verbose(sub)
     return parser
+
+
+_VERBOSE_HELP = "full logs from vLLM, transformers and Ray (default: warnings that matter and prag's own lines)"
+
+
+def _add_verbose(sub: argparse._SubParsersAction) -> None:
+    """``--verbose`` after any (sub)command too; SUPPRESS keeps a ``prag --verbose CMD`` from being reset."""
+    for p in sub.choices.values():
+        if "--verbose" not in p._option_string_actions:
+            p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_verbose(action)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(verbose=args.verbose)  # before any command imports vLLM, torch or Ray
     try:
         return int(args.func(args) or 0)
     except PragError as exc:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prag.errors import PragError
+from prag.logs import is_verbose
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,11 @@ def make_llm(cfg: LLMConfig):
     quiet = _CastWarningFilter(stored, runs) if stored and runs and stored != runs else None
     if quiet is not None:  # installed before LLM(): a forked engine process inherits it
         vllm_log.addFilter(quiet)
+    kwargs = cfg.to_engine_kwargs(in_process=in_process)
+    if not is_verbose():  # vLLM's weight-loading bar: 3 lines of a one-second step (prag.logs)
+        kwargs.setdefault("use_tqdm_on_load", False)
     try:
-        llm = LLM(**cfg.to_engine_kwargs(in_process=in_process))
+        llm = LLM(**kwargs)
     finally:
         if quiet is not None:
             vllm_log.removeFilter(quiet)
