@@ -139,7 +139,8 @@ def _augment(args: argparse.Namespace) -> int:
                                     max_full_answer_chars=args.max_full_answer_chars,
                                     chunk_size=args.batch_size).items() if v is not None}
         augmenter = LLMAugmenter(LLMAugmenterConfig(model=args.model, n_qa=args.n_qa, n_rewrites=args.n_rewrites,
-                                                    seed=args.seed, include_title=args.include_title, **kw))
+                                                    seed=args.seed, include_title=args.include_title,
+                                                    engine_args=dict(args.engine_arg), **kw))
     else:
         if args.model:
             raise PragError("--model is only used with --augmenter llm")
@@ -156,6 +157,12 @@ def _augment(args: argparse.Namespace) -> int:
                              progress=not args.no_progress, ray_opts=ray_opts)
     print(summary.format())
     return 0
+
+
+def _engine_arg(text: str) -> tuple[str, object]:
+    from engine.cli import _engine_arg as parse
+
+    return parse(text)
 
 
 def _register_augment(sub) -> None:
@@ -175,6 +182,9 @@ def _register_augment(sub) -> None:
     p.add_argument("--max-full-answer-chars", type=int, help="llm QA schema bound on full_answer length (default 200)")
     p.add_argument("--dtype", help="llm engine dtype (default auto)")
     p.add_argument("--max-model-len", type=int, help="llm engine max model length (default: the model's own)")
+    p.add_argument("--engine-arg", action="append", type=_engine_arg, default=[], metavar="KEY=VALUE",
+                   help="extra vllm.LLM argument for --augmenter llm, VALUE as JSON if it parses "
+                        "(e.g. enforce_eager=true); repeatable")
     p.add_argument("--seed", type=int, default=0, help="llm sampling seed (per-document seeds derive from it)")
     p.add_argument("--include-title", choices=["auto", "always", "never"], default="auto",
                    help="prefix the title to the passage: auto = only when the text does not mention it")
