@@ -465,7 +465,13 @@ class _Run:
         self.redo = set(STAGES[first:]) if first is not None else set()
 
     def save(self) -> None:
-        atomic_write_json(self.dir / MANIFEST, {**self.manifest, "stages": self.stages})
+        """Write run.json, unless it already says exactly this (a rerun that changes nothing writes nothing)."""
+        data = {**self.manifest, "stages": self.stages}
+        path = self.dir / MANIFEST
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(data)):
+                return
+        atomic_write_json(path, data)
 
     def stage(self, name: str, settings: dict, inputs: dict, output: Path, run, identity) -> dict:
         """Skip, resume or run stage ``name``; returns its record (with ``identity``: its output's identity)."""
@@ -645,9 +651,7 @@ def _stages(cfg: RunConfig, run: _Run, ray_address: str | None, llm: Any) -> dic
         model = cfg.model.path
     model_id = _model_identity(model)
     header["model"] = {"path": model, "fingerprint": model_id}
-    if {k: v for k, v in run.manifest.items() if k != "stages"} != header:
-        run.manifest = header  # a rerun that changes nothing writes nothing
-        run.save()
+    run.manifest = header  # saved when a stage starts: a rerun that runs nothing (or is refused) writes nothing
 
     # index
     rm = cfg.retrieval
