@@ -3,8 +3,10 @@ with the QA schema respected, and a run SIGKILLed half-way resumes to exactly th
 
 Three engine starts in all (uninterrupted, killed, resumed), each inside one Ray actor of a 2-CPU local
 cluster; --engine-arg enforce_eager=true skips vLLM's ~12 s torch.compile warm-up at each start.
---batch-size 1: a generate call then holds one document whatever the resume point. (In bf16 a document's
-tokens can depend on which documents share its batch, so a resume that cut a batch would re-batch the rest.)
+--batch-size 1: a generate call then holds one document whatever the resume point. (With vLLM's compiled
+CPU model, the default without enforce_eager, a document's tokens can depend on which documents share its
+batch: 2 of 6 documents differed between one batch of 6 and single batches; eager, none did. A resume after
+a kill that cut a batch re-batches the rest.)
 """
 
 from __future__ import annotations

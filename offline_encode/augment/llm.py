@@ -9,7 +9,8 @@ lengths, so even a random model emits parsable JSON that ends before ``max_token
 enough tokens for the bounds). No retry loop: a document whose output was still cut off, or
 whose prompt does not fit the model, gets an error record with the reason.
 Sampling uses a per-document seed derived from (seed, doc_id), so results do not depend on
-how documents were batched, sharded or resumed.
+how documents were sharded or resumed, nor (eager engine) batched: vLLM's compiled CPU model is not
+batch-invariant, and there a document's tokens can change with the documents that share its batch.
 """
 
 from __future__ import annotations
