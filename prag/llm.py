@@ -131,7 +131,7 @@ def resolve_dtype(model: str, dtype: str = "auto") -> str:
     if str(dtype).lower() != "auto":
         raise PragError(f"unknown dtype {dtype!r}; use auto, {', '.join(sorted(set(_DTYPE_ALIASES)))}")
     from transformers import AutoConfig
-    from vllm.config.model import _get_and_verify_dtype
+    from vllm.config.model import _get_and_verify_dtype  # private: listed in engine/vllm_backend/compat.py
 
     return dtype_name(_get_and_verify_dtype(model, AutoConfig.from_pretrained(model), "auto", is_pooling_model=False))
 

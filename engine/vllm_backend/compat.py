@@ -29,6 +29,7 @@ class PrivateSymbol:
     params: tuple[str, ...] = ()  # keyword parameters the code passes (checked against the signature)
     attrs: tuple[str, ...] = ()  # instance attributes (checked on a live engine)
     builds: str = "cpu+cuda"  # where the symbol is the same; "cpu" marks a CPU-only difference
+    memory_path: bool = True  # the memory hand-over needs it (else only the named caller does)
 
 
 PRIVATE_SYMBOLS: tuple[PrivateSymbol, ...] = (
@@ -62,6 +63,10 @@ PRIVATE_SYMBOLS: tuple[PrivateSymbol, ...] = (
     PrivateSymbol("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU",
                   "the CPU build's LoRA ops; CUDA builds use punica_gpu (SGMV/Triton) instead. The memory "
                   "path only writes the stacked slot tensors both read, so it runs on either", builds="cpu"),
+    PrivateSymbol("vllm.config.model", "_get_and_verify_dtype",
+                  "prag.llm.resolve_dtype: the dtype vLLM will run a checkpoint in under --dtype auto, known "
+                  "before an engine starts (eval's resume check records it)",
+                  params=("config", "dtype", "is_pooling_model"), memory_path=False),
 )
 
 
@@ -91,10 +96,12 @@ def resolve(sym: PrivateSymbol) -> Any:
     return obj
 
 
-def symbol_problems() -> list[str]:
+def symbol_problems(memory_path_only: bool = False) -> list[str]:
     """One line per listed symbol that is missing or whose parameters changed; empty when all match."""
     problems = []
     for sym in PRIVATE_SYMBOLS:
+        if memory_path_only and not sym.memory_path:
+            continue
         try:
             obj = resolve(sym)
         except (ImportError, AttributeError) as exc:
@@ -151,7 +158,7 @@ def memory_handover_problem(llm: Any) -> str | None:
     if not version_in_range(version):
         low, high = (".".join(map(str, v)) for v in TESTED_VERSIONS)
         return f"vLLM {text} is outside the tested range [{low}, {high})"
-    problems = symbol_problems()
+    problems = symbol_problems(memory_path_only=True)
     if problems:
         return "private vLLM symbols changed: " + "; ".join(problems[:3])
     manager = worker_lora_manager(llm)
