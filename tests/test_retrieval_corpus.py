@@ -87,7 +87,7 @@ def test_unreadable_corpus(tmp_path):
         list(iter_corpus(bad_gz))
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"id": "1", "text": "caf\xe9"}\n')
-    with pytest.raises(PragError, match=r"latin\.jsonl: not valid UTF-8"):
+    with pytest.raises(PragError, match=r"latin\.jsonl:1: not UTF-8 text \(byte 0xe9"):
         list(iter_corpus(latin))
 
 
