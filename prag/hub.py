@@ -49,6 +49,10 @@ def resolve_local_model(name: str | os.PathLike, *, what: str = "model", probe_f
         return path
     if path.exists():
         raise PragError(f"{what} not found: {name} is a file, not a model directory or a Hugging Face model name")
+    text = str(name)
+    if path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        # spelled as a path (a hub id is "org/name"): no hub lookup, no download hint
+        raise PragError(f"{what} not found: {name} does not exist (expected a local model directory)")
     snapshot = cached_snapshot(str(name), probe_file)
     if snapshot is not None:
         return snapshot
