@@ -369,8 +369,8 @@ def _run_shards(pool: WorkerPool, store: AdapterStore, augmented: Path, plan: _P
         # docs/s and an ETA from tqdm; in-process the bar moves every training step, on Ray per shard
         bar = tqdm(total=n_pending, desc="encode", unit="doc", smoothing=0.1,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
-        if pool.local_worker is not None:
-            pool.local_worker.on_progress = bar.update
+        if pool.local_worker is not None:  # per-step fractions may overshoot the total by a rounding error
+            pool.local_worker.on_progress = lambda docs: bar.update(max(0.0, min(docs, bar.total - bar.n)))
     try:
         shards = chunked(_pending_records(augmented, plan.pending_lines), shard_docs)
         for _, (meta, train_seconds, failures) in pool.map("encode_shard", shards):
