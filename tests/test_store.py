@@ -173,8 +173,10 @@ def test_model_fingerprint(tiny_model_dir, tmp_path):
 
     other = build_fixture_model(tmp_path / "seed1", size="tiny", seed=1)  # same config and sizes, other weights
     assert model_fingerprint(other)["hash"] != fp["hash"]
-    with pytest.raises(PragError, match="neither a local directory nor a model in the Hugging Face cache"):
+    with pytest.raises(PragError, match="does-not-exist does not exist"):  # a path: no hub hint
         model_fingerprint(tmp_path / "does-not-exist")
+    with pytest.raises(PragError, match="neither a local directory nor a model in the Hugging Face cache"):
+        model_fingerprint("no-such-org/no-such-model")  # a hub id not in the cache: fails at once
 
 
 def test_safetensors_writer_reads_back_with_the_safetensors_library(tmp_path):
