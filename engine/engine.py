@@ -330,10 +330,11 @@ class Engine:
         manager = compat.worker_lora_manager(self.llm)
         if problem is None and want != "dir":
             try:
-                self._slot_plan = memory_lora.SlotPlan.build(manager._adapter_manager, self.store.layout)
+                self._slot_plan = memory_lora.SlotPlan.build(manager, self.store.layout)
             except PragError as exc:
                 problem = str(exc)
-        if manager is not None and (want == "dir" or problem is None) and not compat.symbol_problems():
+        # memory_handover_problem checked the symbols already, except on the "dir" path
+        if manager is not None and problem is None and (want != "dir" or not compat.symbol_problems(True)):
             memory_lora.install(manager)  # also times vLLM's own loader on the dir path
         if want == "dir":
             return "dir"

@@ -60,6 +60,7 @@ from prag.errors import PragError
 from prag.hub import resolve_local_model
 from prag.io import atomic_path, atomic_write_json, read_json, sha256_file, sha256_json
 from prag.io import sampled_sha256 as _sampled_sha256  # the shared sampler; the old name stays importable
+from prag.model_files import read_safetensors_header
 
 STORE_FORMAT = "prag-adapter-store"
 STORE_FORMAT_VERSION = 2  # 2: row checksums are crc32 (1: sha256, still read and verified)
@@ -77,7 +78,6 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 TRAINING_FIELDS = ("rank", "alpha", "target_modules", "learning_rate", "epochs", "weight_decay", "init_seed",
                    "with_cot", "storage_dtype")
 _MAX_OPEN_SHARDS = 256
-_MAX_HEADER_BYTES = 100 << 20  # safetensors' own bound; a larger "length" means the file is not a shard
 log = logging.getLogger(__name__)
 
 
@@ -305,19 +305,14 @@ def _tensor_data_offset(fd: int, path: Path, storage_dtype: str, params_per_doc:
     (8-byte little-endian header length, JSON header, then the data). The header length is bounded
     by the file size before anything is allocated: another file (e.g. a ``torch.save`` zip) in a
     shard's place would otherwise ask for petabytes."""
-    size = os.fstat(fd).st_size
-    head = os.pread(fd, 8, 0)
-    if len(head) != 8:
-        raise ShardError(path, f"shard file {path} is truncated ({size} bytes)")
-    n = int.from_bytes(head, "little")
-    if n > min(size - 8, _MAX_HEADER_BYTES):
-        raise ShardError(path, f"shard file {path} is not a safetensors adapter shard (header length {n} does not "
-                         f"fit in its {size} bytes)")
     try:
-        header = json.loads(os.pread(fd, n, 8))
+        header, data_start, size = read_safetensors_header(fd)
+    except ValueError as exc:
+        raise ShardError(path, f"shard file {path} is not a safetensors adapter shard ({exc})") from None
+    try:
         info = header[TENSOR]
         dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError):
         raise ShardError(path, f"shard file {path} is not a valid adapter shard (bad safetensors header)") from None
     want = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[storage_dtype]
     if dtype != want or len(shape) != 2 or shape[1] != params_per_doc or \
@@ -325,9 +320,9 @@ def _tensor_data_offset(fd: int, path: Path, storage_dtype: str, params_per_doc:
         rows = "" if n_rows is None else f"{n_rows} "
         raise ShardError(path, f"shard file {path} holds {dtype} {shape}, expected {want} {rows}rows of "
                          f"{params_per_doc}")
-    if 8 + n + end > size:
-        raise ShardError(path, f"shard file {path} is truncated ({size} bytes, its header needs {8 + n + end})")
-    return 8 + n + start
+    if data_start + end > size:
+        raise ShardError(path, f"shard file {path} is truncated ({size} bytes, its header needs {data_start + end})")
+    return data_start + start
 
 
 @dataclass

@@ -23,8 +23,30 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentenc
 # Bytes per element of safetensors dtypes; others (sub-byte formats) are checked only for total coverage.
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
                 "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
-_MAX_HEADER = 100 << 20  # the safetensors format's own limit on the header size
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit on the header size
 INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_safetensors_header(fd: int) -> tuple[dict, int, int]:
+    """``(header, data start, file size)`` of an open safetensors file; ``ValueError`` saying what is wrong.
+
+    The header length (the file's first 8 bytes, little endian) is bounded by the file size before
+    anything is allocated: another file in its place (e.g. a ``torch.save`` zip) would ask for petabytes.
+    """
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        raise ValueError(f"{size} bytes, shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(size - 8, MAX_SAFETENSORS_HEADER):
+        raise ValueError(f"its header claims {n:,} bytes, the file holds {size:,}")
+    try:
+        header = json.loads(os.pread(fd, n, 8))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    return header, 8 + n, size
 
 
 def check_safetensors_file(path: str | os.PathLike) -> int:
@@ -34,23 +56,17 @@ def check_safetensors_file(path: str | os.PathLike) -> int:
     damaged = f"model weights file {path} is truncated or damaged"
     hint = "re-download or rebuild the model"
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise PragError(f"{damaged} ({size} bytes, shorter than a safetensors header); {hint}")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise PragError(f"{damaged} (its header claims {n:,} bytes, the file holds {size:,}); {hint}")
-            raw = fh.read(n)
+        fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise PragError(f"cannot read model weights file {path}: {exc.strerror or exc}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise PragError(f"{damaged} (its header is not valid JSON); {hint}") from None
-    if not isinstance(header, dict):
-        raise PragError(f"{damaged} (its header is not a JSON object); {hint}")
+        header, data_start, size = read_safetensors_header(fd)
+    except ValueError as exc:
+        raise PragError(f"{damaged} ({exc}); {hint}") from None
+    except OSError as exc:
+        raise PragError(f"cannot read model weights file {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     end = 0
     tensors = 0
     for name, info in header.items():
@@ -69,7 +85,7 @@ def check_safetensors_file(path: str | os.PathLike) -> int:
                             f"dtype); {hint}")
         end = max(end, stop)
         tensors += 1
-    data = size - 8 - n
+    data = size - data_start
     if end != data:
         raise PragError(f"{damaged} (its header describes {end:,} bytes of tensor data, the file holds {data:,}); "
                         f"{hint}")

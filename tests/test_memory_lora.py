@@ -83,7 +83,7 @@ def test_slot_merge_is_row_merge_cast_once(tiny_model_dir, stores, shared_llm):
     from engine.vllm_backend.memory_lora import SlotMerge, SlotPlan
 
     store = stores["one"]
-    plan = SlotPlan.build(compat.worker_lora_manager(shared_llm)._adapter_manager, store.layout)
+    plan = SlotPlan.build(compat.worker_lora_manager(shared_llm), store.layout)
     assert len(plan.segments) == len(store.layout.keys) // 2
     rows = store.get_rows(["d0", "d1", "d2"])
     mem = SlotMerge(store.layout, 3, store.alpha, plan)(rows)
@@ -137,7 +137,7 @@ def test_lora_model_built_twice_from_one_adapter_is_equal_and_leaves_it_untouche
     from engine.vllm_backend.memory_lora import SlotMerge, SlotPlan, build_lora_model
 
     store = stores["one"]
-    plan = SlotPlan.build(compat.worker_lora_manager(shared_llm)._adapter_manager, store.layout)
+    plan = SlotPlan.build(compat.worker_lora_manager(shared_llm), store.layout)
     adapter = SlotMerge(store.layout, 3, store.alpha, plan)(store.get_rows(["d3", "d4", "d5"]))
     before = _digest(adapter.flat)
     one, two = build_lora_model(10**6, adapter), build_lora_model(10**6 + 1, adapter)

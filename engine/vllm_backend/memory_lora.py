@@ -84,8 +84,10 @@ class SlotPlan:
         return sum(a[0] * a[1] + b[0] * b[1] for s in self.segments for a, b in [(s.a_shape, s.b_shape)])
 
     @classmethod
-    def build(cls, adapter_manager: Any, layout: "Layout") -> "SlotPlan":
-        """Match the store ``layout`` to ``adapter_manager``'s modules; PragError names what does not fit."""
+    def build(cls, worker_manager: Any, layout: "Layout") -> "SlotPlan":
+        """Match the store ``layout`` to the LoRA modules of an in-process ``WorkerLoRAManager``
+        (:func:`engine.vllm_backend.compat.worker_lora_manager`); PragError names what does not fit."""
+        adapter_manager = worker_manager._adapter_manager
         store_modules = {k.rpartition(".lora_")[0] for k in layout.keys}
         shapes = dict(zip(layout.keys, layout.shapes))
         max_rank = int(adapter_manager.lora_config.max_lora_rank)
