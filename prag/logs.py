@@ -34,6 +34,7 @@ HARMLESS_WARNINGS = (
 )
 
 _verbose = False
+_MAX_REMEMBERED = 4096  # distinct lines QuietFilter remembers for its "say it once" rule
 
 
 def is_verbose() -> bool:
@@ -58,6 +59,8 @@ class QuietFilter(logging.Filter):
         key = (record.name, msg)
         if key in self._seen:
             return False
+        if len(self._seen) >= _MAX_REMEMBERED:  # a long-running server must not keep every line it logged
+            self._seen.clear()
         self._seen.add(key)
         return True
 
