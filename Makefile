@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m engine.demo --out demo-output
+	$(PY) -m demo --out demo-output
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all --out bench-output

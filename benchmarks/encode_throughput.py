@@ -170,7 +170,7 @@ def _sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     from offline_encode.device import resolve_device
-    from offline_encode.reference import train_reference
+    from tests.helpers.encode_reference import train_reference
     from offline_encode.trainer import BatchedLoraTrainer, make_init_adapter
     from offline_encode.training_data import build_training_sequences
 

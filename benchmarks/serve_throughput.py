@@ -133,7 +133,7 @@ class _ReferenceLoop:
                  dtype: str):
         import torch
 
-        from engine.reference import PeftReference
+        from tests.helpers.peft_reference import PeftReference
 
         self.prompts, self.doc_ids, self.max_new_tokens = prompts, doc_ids, max_new_tokens
         self.ref = PeftReference(model, store, dtype=getattr(torch, dtype))
@@ -224,8 +224,8 @@ def run(args: argparse.Namespace) -> dict:
 
     _env()
     from engine.engine import Engine, EngineConfig
-    from engine.random_store import build_random_store
-    from offline_encode.store import StoreMismatchError
+    from tests.helpers.random_store import build_random_store
+    from prag.store import StoreMismatchError
     from prag.errors import PragError
     from prag.fixture_model import parameter_count
     from prag.io import atomic_write_json, atomic_write_text
@@ -371,7 +371,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def engine_max_loras(cfg) -> int:
-    from prag.llm import LLMConfig
+    from engine.vllm_backend.llm import LLMConfig
 
     return LLMConfig(model="", max_loras=cfg.max_loras).resolved_max_loras()
 

@@ -104,7 +104,7 @@ def _repeat_config(args: argparse.Namespace, given: set[str]):
     from dataclasses import replace
 
     from engine.engine import parse_modes
-    from engine.evaluate import load_run_config
+    from engine.eval.harness import load_run_config
     from engine.prompts import load_fewshot
 
     cfg = load_run_config(args.config, args.out)
@@ -130,7 +130,7 @@ def _repeat_config(args: argparse.Namespace, given: set[str]):
 
 def _eval(args: argparse.Namespace) -> int:
     from engine.engine import check_top_k, parse_modes
-    from engine.evaluate import EvalConfig, evaluate, results_markdown
+    from engine.eval.harness import EvalConfig, evaluate, results_markdown
 
     given = _given_flags(args)
     if getattr(args, "config", None):
@@ -153,7 +153,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from engine.datasets import dataset_names
+    from engine.eval.datasets import dataset_names
 
     p = sub.add_parser("eval", help="evaluate none/rag/prag/combine on a QA dataset (EM/F1, throughput)")
     p.add_argument("--config", metavar="RUN/config.json",
@@ -197,7 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
     import os
 
     from engine.engine import Engine
-    from engine.server import ServerConfig, serve
+    from engine.http.server import ServerConfig, serve
 
     if not 0 < args.port < 65536:
         raise PragError(f"--port must be between 1 and 65535, got {args.port}")
@@ -212,17 +212,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- prag run: the whole pipeline from one config (engine/pipeline.py) ---------------------------------
+# -- prag run: the whole pipeline from one config (prag/pipeline.py) ---------------------------------
 
 
 def _run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from engine.pipeline import load_run_config, run_pipeline
+    from prag.pipeline import load_run_config, run_pipeline
 
     cfg = load_run_config(args.config)
     if args.run_dir:
-        from engine.pipeline import validate_run_config
+        from prag.pipeline import validate_run_config
 
         cfg = validate_run_config(replace(cfg, run_dir=args.run_dir))
     redo = [s.strip() for s in args.redo.split(",") if s.strip()] if args.redo else []
@@ -232,7 +232,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register_run(sub) -> None:
-    from engine.pipeline import STAGES
+    from prag.pipeline import STAGES
 
     p = sub.add_parser(
         "run", help="the whole pipeline from one YAML config: index -> select -> augment -> encode -> eval",

@@ -37,9 +37,9 @@ from typing import Any, Mapping, Sequence
 from engine.adapter_cache import DEFAULT_MAX_BYTES, CachedAdapter, CacheKey, MergedAdapterCache, make_key
 from engine.merge import MergedAdapter, RowMerge
 from engine.prompts import build_prompt, prompt_config
-from engine.scoring import extract_answer
+from engine.eval.scoring import extract_answer
 from prag.errors import PragError
-from prag.llm import SUPPORTED_LORA_RANKS, LLMConfig, has_cuda, make_llm, shutdown_llm, smallest_lora_rank
+from engine.vllm_backend.llm import SUPPORTED_LORA_RANKS, LLMConfig, has_cuda, make_llm, shutdown_llm, smallest_lora_rank
 from prag.prompt import PromptConfig
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class Engine:
         self.rank = self.store.rank if self.store is not None else None
         check_top_k(self.config.top_k, self.rank)
         if self.store is not None and self.config.check_store_model:
-            from offline_encode.store import model_fingerprint
+            from prag.store import model_fingerprint
 
             self.store.check_compatible(model_fingerprint=model_fingerprint(self.model))
         if tokenizer is None:
@@ -313,7 +313,7 @@ class Engine:
     def _open_store(self, store):
         if store is None or not isinstance(store, (str, os.PathLike)):
             return store
-        from offline_encode.store import AdapterStore
+        from prag.store import AdapterStore
 
         return AdapterStore.open(store)
 

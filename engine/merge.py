@@ -22,7 +22,7 @@ import torch
 from prag.errors import PragError
 
 if TYPE_CHECKING:
-    from offline_encode.store import Layout
+    from prag.store import Layout
 
 Adapter = Mapping[str, torch.Tensor]
 
@@ -105,7 +105,7 @@ class RowMerge:
     """
 
     def __init__(self, layout: "Layout", k: int, alpha: float | Sequence[float]):
-        """``layout``: the store's :class:`offline_encode.store.Layout` (keys, shapes, offsets of a flat row)."""
+        """``layout``: the store's :class:`prag.store.Layout` (keys, shapes, offsets of a flat row)."""
         if k <= 0:
             raise PragError(f"RowMerge needs k >= 1, got {k}")
         alphas = [float(alpha)] * k if isinstance(alpha, (int, float)) else [float(a) for a in alpha]

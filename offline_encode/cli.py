@@ -203,7 +203,7 @@ def _register_augment(sub) -> None:
 def _store_verify(args: argparse.Namespace) -> int:
     import json
 
-    from offline_encode.store import verify_store
+    from prag.store import verify_store
 
     report = verify_store(args.store, drop_bad=args.drop_bad)
     print(report.format())

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 from offline_encode.augment.records import record_doc_id, record_problem
 from offline_encode.config import EncodeConfig
 from offline_encode.ray_jobs import RayOptions, WorkerPool, chunked, ray_session
-from offline_encode.store import AdapterStore, Layout, ShardMeta, StoreSpec, model_fingerprint, write_shard_file
+from prag.store import AdapterStore, Layout, ShardMeta, StoreSpec, model_fingerprint, write_shard_file
 from prag.errors import PragError
 from prag.io import OutputKind, check_readable, iter_jsonl, json_marker, read_json, resumable_output_dir, sha256_file
 from prag.model_files import check_model_dir

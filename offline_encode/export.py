@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from offline_encode.peft_format import CONFIG_NAME, WEIGHTS_NAME, write_peft_adapter
-from offline_encode.store import AdapterStore
+from prag.store import AdapterStore
 from prag.io import OutputKind, check_output_dir, json_marker
 
 _is_peft_config = json_marker(CONFIG_NAME, "r", "lora_alpha", peft_type="LORA")

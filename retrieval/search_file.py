@@ -72,7 +72,7 @@ def read_queries(path: str | Path) -> list[Query]:
 
 def dataset_queries(name: str, path: str | Path, limit: int | None = None) -> list[Query]:
     """The questions of a QA dataset file, read by the same loaders as ``prag eval``."""
-    from engine.datasets import load_dataset  # the QA loaders live with evaluation
+    from engine.eval.datasets import load_dataset  # the QA loaders live with evaluation
 
     return [Query(ex["id"], ex["question"]) for ex in load_dataset(name, path, limit=limit)]
 

@@ -39,7 +39,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shared_llm(tiny_model_dir):
     from offline_encode.config import EncodeConfig
-    from prag.llm import LLMConfig, make_llm, shutdown_llm
+    from engine.vllm_backend.llm import LLMConfig, make_llm, shutdown_llm
 
     # LoRA on the FFN projections only, as the Engine sets it up from its adapter store
     llm = make_llm(LLMConfig(model=str(tiny_model_dir), dtype="float32", max_model_len=1024, max_loras=8,

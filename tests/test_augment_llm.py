@@ -63,7 +63,7 @@ def test_llm_augmenter_builds_its_own_engine_and_survives_a_step_over_the_token_
     """On a CPU, a chunked prefill rewinds each request's seeded generator, which CPU generators
     cannot do ("CPU Generator does not use offset"): 0 records were written with the defaults.
     24 prompts of ~240 tokens are ~3x the 2,048-token step budget, so vLLM must split them over steps."""
-    from prag.llm import shutdown_llm
+    from engine.vllm_backend.llm import shutdown_llm
 
     text = ("Person {i} Dovanko was born in 18{i}4 in the town of Esterhalm. She founded the glassworks "
             "in 19{i}2 with {j} partners. ") * 3

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from engine.datasets import dataset_names, load_dataset
+from engine.eval.datasets import dataset_names, load_dataset
 from prag.errors import PragError
 from tests.conftest import shared_data_file
 

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from engine.data.generate import DEMO_CORPUS, DEMO_QUESTIONS, PRETRAIN, generate
-from engine.demo import MODES, RESULT_KEYS, reduced_config, run_demo, select_data
+from demo.data.generate import DEMO_CORPUS, DEMO_QUESTIONS, PRETRAIN, generate
+from demo.recipe import MODES, RESULT_KEYS, reduced_config, run_demo, select_data
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import torch
 
 from offline_encode.config import EncodeConfig
 from offline_encode.encode import encode_corpus
-from offline_encode.store import AdapterStore, StoreMismatchError
+from prag.store import AdapterStore, StoreMismatchError
 from prag.errors import PragError
 
 REPO = Path(__file__).resolve().parents[1]

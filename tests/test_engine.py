@@ -27,7 +27,7 @@ def _doc_text(i: int) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_dir, shared_llm):
     from engine.engine import Engine, EngineConfig
-    from engine.random_store import build_random_store
+    from tests.helpers.random_store import build_random_store
     from retrieval.index import build_index
 
     root = tmp_path_factory.mktemp("engine")
@@ -48,7 +48,7 @@ def setup(tmp_path_factory, tiny_model_dir, shared_llm):
 
 @pytest.fixture(scope="module")
 def reference(setup, tiny_model_dir):
-    from engine.reference import PeftReference
+    from tests.helpers.peft_reference import PeftReference
 
     ref = PeftReference(tiny_model_dir, setup["store"])
     yield ref
@@ -150,7 +150,7 @@ def test_long_passages_are_truncated_and_recorded(setup):
 
 def test_store_for_another_base_model_is_refused(setup, tmp_path):
     from engine.engine import Engine
-    from offline_encode.store import StoreMismatchError
+    from prag.store import StoreMismatchError
 
     other = tmp_path / "other-model"
     shutil.copytree(setup["engine"].model, other)
@@ -162,8 +162,8 @@ def test_store_for_another_base_model_is_refused(setup, tmp_path):
 
 
 def test_evaluate_writes_results_and_resumes(setup, tmp_path):
-    from engine.evaluate import PREDICTIONS, EvalConfig, evaluate
-    from engine.scoring import extract_answer, score
+    from engine.eval.harness import PREDICTIONS, EvalConfig, evaluate
+    from engine.eval.scoring import extract_answer, score
 
     engine = setup["engine"]
     data = tmp_path / "q.jsonl"

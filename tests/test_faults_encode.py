@@ -22,12 +22,12 @@ import torch
 from offline_encode import trainer as trainer_mod
 from offline_encode.config import EncodeConfig
 from offline_encode.encode import EXIT_DOCS_FAILED, TORN_LINE, encode_corpus
-from offline_encode.store import AdapterStore
+from prag.store import AdapterStore
 from offline_encode.trainer import DIVERGED_LOSS, DIVERGED_WEIGHTS, BatchedLoraTrainer, DocFailure
 from offline_encode.training_data import build_training_sequences
 from prag.cli import main
 from prag.errors import PragError
-from test_encode import DOCS, prag_cmd, _env
+from tests.test_encode import DOCS, prag_cmd, _env
 
 CFG = EncodeConfig(docs_per_step=4, device="cpu", compute_dtype="float32")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from test_encode import CFG, augmented_file, encoded  # noqa: F401 (shared session fixtures)
-from test_retrieval_index import synthetic_corpus, synthetic_questions, write_jsonl
+from tests.test_encode import CFG, augmented_file, encoded  # noqa: F401 (shared session fixtures)
+from tests.test_retrieval_index import synthetic_corpus, synthetic_questions, write_jsonl
 
 from prag.cli import main
 from prag.errors import PragError
@@ -129,7 +129,7 @@ def test_index_without_checksums_loads_with_a_note(index_copy, capsys):
 
 
 def test_store_fingerprint_sampler_is_the_shared_one():
-    from offline_encode.store import _sampled_sha256
+    from prag.store import _sampled_sha256
 
     assert _sampled_sha256 is sampled_sha256
 
@@ -252,7 +252,7 @@ def test_failed_encode_leaves_nothing(tmp_path, tiny_model_dir, augmented_file):
 
 
 def test_eval_out_refuses_foreign_folders_and_inputs(store_copy, built, tmp_path):
-    from engine.evaluate import EvalConfig, check_inputs
+    from engine.eval.harness import EvalConfig, check_inputs
 
     data = write_jsonl(tmp_path / "q.jsonl", [{"id": "q1", "question": "Who?", "answer": "x"}])
     user = tmp_path / "mine"

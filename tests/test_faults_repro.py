@@ -26,7 +26,7 @@ MODES = ["none", "rag", "prag"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_dir, shared_llm):
     from engine.engine import Engine
-    from engine.random_store import build_random_store
+    from tests.helpers.random_store import build_random_store
     from retrieval.index import build_index
 
     root = tmp_path_factory.mktemp("repro")
@@ -45,7 +45,7 @@ def setup(tmp_path_factory, tiny_model_dir, shared_llm):
 
 
 def _cfg(setup, out, batch_size):
-    from engine.evaluate import EvalConfig
+    from engine.eval.harness import EvalConfig
 
     return EvalConfig(dataset="generic", data=str(setup["data"]), out=str(out), model=str(setup["model"]),
                       index=str(setup["root"] / "index"), store=str(setup["root"] / "store"), modes=MODES,
@@ -58,7 +58,7 @@ def _tokens(out) -> dict:
 
 
 def _identity(out) -> dict:
-    from engine.evaluate import RECORD_ONLY
+    from engine.eval.harness import RECORD_ONLY
 
     rec = json.loads((out / "config.json").read_text())
     return {k: v for k, v in rec.items() if k not in RECORD_ONLY}
@@ -67,7 +67,7 @@ def _identity(out) -> dict:
 @pytest.fixture(scope="module")
 def first_run(setup):
     """The original run: 6 questions x 3 modes, 2 questions per engine call."""
-    from engine.evaluate import evaluate
+    from engine.eval.harness import evaluate
 
     out = setup["root"] / "run-a"
     evaluate(_cfg(setup, out, batch_size=2), engine=setup["engine"])
@@ -76,7 +76,7 @@ def first_run(setup):
 
 def test_two_runs_and_two_batch_sizes_give_identical_tokens(setup, first_run):
     """What holds today: a second run, and all questions in one engine call instead of three, change nothing."""
-    from engine.evaluate import evaluate
+    from engine.eval.harness import evaluate
 
     evaluate(_cfg(setup, setup["root"] / "run-b", batch_size=6), engine=setup["engine"])
     evaluate(_cfg(setup, setup["root"] / "run-c", batch_size=2), engine=setup["engine"])  # warm adapter cache
@@ -92,7 +92,7 @@ def test_two_runs_and_two_batch_sizes_give_identical_tokens(setup, first_run):
 def test_config_records_everything_that_changes_tokens(setup, first_run):
     from importlib.metadata import version
 
-    from offline_encode.store import model_fingerprint
+    from prag.store import model_fingerprint
     from retrieval.manifest import read_manifest
 
     rec = json.loads((first_run / "config.json").read_text())
@@ -116,7 +116,7 @@ def test_config_records_everything_that_changes_tokens(setup, first_run):
 def test_repeat_from_recorded_config_gives_identical_tokens(setup, first_run):
     """Library route: load_run_config -> the same settings -> the same tokens, on the same engine."""
     from engine.engine import Engine
-    from engine.evaluate import evaluate, load_run_config
+    from engine.eval.harness import evaluate, load_run_config
 
     out = setup["root"] / "repeat-lib"
     cfg = load_run_config(first_run / "config.json", str(out))
@@ -145,7 +145,7 @@ def test_cli_repeat_with_config_and_an_override(setup, first_run, capsys):
 
 
 def test_mismatching_rerun_fails_before_vllm_starts(setup, first_run, capsys, monkeypatch):
-    from engine import evaluate as evaluate_mod
+    from engine.eval import harness as evaluate_mod
     from prag.cli import main
 
     def no_engine(*a, **k):
@@ -187,7 +187,7 @@ def test_bad_recorded_config_names_the_key(setup, first_run, tmp_path, capsys, e
 
 
 def test_unreadable_config_names_the_file(tmp_path, capsys):
-    from engine.evaluate import load_run_config
+    from engine.eval.harness import load_run_config
     from prag.cli import main
 
     bad = tmp_path / "config.json"
@@ -201,7 +201,7 @@ def test_unreadable_config_names_the_file(tmp_path, capsys):
 def test_dtype_auto_resolves_as_vllm_does_and_the_cast_is_said_once(tiny_model_dir):
     from vllm.platforms import current_platform
 
-    from prag.llm import _VLLM_CAST_LOGGER, _CastWarningFilter, cast_note, checkpoint_dtype, dtype_name, resolve_dtype
+    from engine.vllm_backend.llm import _VLLM_CAST_LOGGER, _CastWarningFilter, cast_note, checkpoint_dtype, dtype_name, resolve_dtype
 
     model = str(tiny_model_dir)
     assert checkpoint_dtype(model) == "float32"

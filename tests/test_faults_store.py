@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offline_encode.store import (AdapterStore, CorruptAdapterError, StoreSpec, nonfinite_rows, row_checksum,
+from prag.store import (AdapterStore, CorruptAdapterError, StoreSpec, nonfinite_rows, row_checksum,
                                   verify_store)
 from prag.cli import main as prag_main
 from prag.errors import PragError
@@ -158,7 +158,7 @@ def test_missing_shard_fails_only_its_documents(tmp_path, caplog):
     store = small_store(tmp_path / "s", SHARDS4)
     gone = shard_of(store, "d4")
     gone.unlink()
-    with caplog.at_level(logging.WARNING, logger="offline_encode.store"):
+    with caplog.at_level(logging.WARNING, logger="prag.store"):
         st = AdapterStore.open(store)  # the cheap check at open: one stat per shard
     with st:
         assert list(st.shard_problems) == [gone.name] and "is missing" in st.shard_problems[gone.name]
@@ -347,7 +347,7 @@ SETS = [["d0", "d1"], ["d1", "d2"], ["d3", "d4"], ["d4", "d5"], ["d6", "d7"], ["
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tiny_model_dir):
     """The intact 4-shard random store and damaged copies of it."""
-    from engine.random_store import build_random_store
+    from tests.helpers.random_store import build_random_store
 
     root = tmp_path_factory.mktemp("faults")
     build_random_store(root / "intact", tiny_model_dir, ALL, seed=11, batch=3).close()
@@ -413,7 +413,7 @@ def test_server_answers_every_request_that_does_not_need_the_missing_shard(store
     import openai
     import uvicorn
 
-    from engine.server import ServerConfig, create_app
+    from engine.http.server import ServerConfig, create_app
 
     engine = _engine(tiny_model_dir, stores["missing-shard"], shared_llm)
     port = _free_port()

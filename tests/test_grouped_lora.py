@@ -1,11 +1,11 @@
-"""The grouped CPU LoRA ops (engine.grouped_lora) against the per-token definition and vLLM's own ops."""
+"""The grouped CPU LoRA ops (engine.vllm_backend.grouped_lora) against the per-token definition and vLLM's own ops."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.grouped_lora import grouped_expand, grouped_shrink, plan_segments
+from engine.vllm_backend.grouped_lora import grouped_expand, grouped_shrink, plan_segments
 
 # two prefill chunks, decode tokens, tokens without an adapter, one adapter used by two segments
 SLOTS = [2, 2, 2, -1, -1, 0, 1, 1, 3, 4, 4, 4, 4, 5, -1, 5, 2]
@@ -133,7 +133,7 @@ def test_bf16_close_to_float64():
 def test_plugin_routes_the_cpu_platform_only_when_enabled(monkeypatch):
     from vllm.platforms import current_platform
 
-    from engine import vllm_plugin
+    from engine.vllm_backend import plugin as vllm_plugin
 
     cls = type(current_platform)
     monkeypatch.setattr(cls, "get_punica_wrapper", cls.get_punica_wrapper)  # restored after the test
@@ -158,7 +158,7 @@ def test_fast_adapter_lookup_lists_the_same_adapters_as_vllm(monkeypatch):
     from vllm.lora.model_manager import AdapterLRUCache, LRUCacheLoRAModelManager
     from vllm.lora.worker_manager import WorkerLoRAManager
 
-    from engine import vllm_plugin
+    from engine.vllm_backend import plugin as vllm_plugin
 
     monkeypatch.setattr(WorkerLoRAManager, "list_adapters", WorkerLoRAManager.list_adapters)  # restored after
     cache = AdapterLRUCache(4, lambda key: None)
@@ -181,14 +181,14 @@ def test_plugin_is_registered_as_a_vllm_entry_point():
     from importlib.metadata import entry_points
 
     values = {ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert "engine.vllm_plugin:register" in values
+    assert "engine.vllm_backend.plugin:register" in values
 
 
 def test_the_shared_engine_runs_our_lora_ops_on_ffn_modules_only(shared_llm):
     """The test session's vLLM engine (the one the prag/combine token-identity tests use) is built by
     ``make_llm``: in-process on a CPU, our punica wrapper with the native kernel, LoRA layers only where
     adapters can be."""
-    from engine.vllm_cpu_lora import GroupedPunicaWrapperCPU
+    from engine.vllm_backend.cpu_lora import GroupedPunicaWrapperCPU
 
     manager = (shared_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
                .model_runner.lora_manager._adapter_manager)
@@ -203,8 +203,8 @@ def test_the_shared_engine_runs_our_lora_ops_on_ffn_modules_only(shared_llm):
 
 
 def test_llm_config_turns_the_cpu_settings_into_vllm_arguments(monkeypatch):
-    from prag import llm as llm_mod
-    from prag.llm import LLMConfig
+    from engine.vllm_backend import llm as llm_mod
+    from engine.vllm_backend.llm import LLMConfig
 
     monkeypatch.setattr(llm_mod, "has_cuda", lambda: False)
     kw = LLMConfig(model="m", max_loras=4, lora_target_modules=("gate_proj", "down_proj")).to_engine_kwargs()
@@ -238,7 +238,7 @@ def test_a_second_in_process_engine_is_refused_while_one_is_alive(shared_llm, ti
     """vLLM's parallel state is per process: the shared engine is in-process, so asking for another
     in-process engine must fail clearly (the default, in_process=None, falls back to a separate process)."""
     from prag.errors import PragError
-    from prag.llm import LLMConfig, make_llm
+    from engine.vllm_backend.llm import LLMConfig, make_llm
 
     assert type(shared_llm.llm_engine.engine_core).__name__ == "InprocClient"
     with pytest.raises(PragError, match="already runs inside this process"):

@@ -18,7 +18,7 @@ SETS = [["d0", "d1", "d2"], ["d5", "d4", "d3"], ["d6", "d7", "d8"], ["d9", "d10"
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tiny_model_dir):
-    from engine.random_store import build_random_store
+    from tests.helpers.random_store import build_random_store
 
     root = tmp_path_factory.mktemp("memlora")
     ids = [f"d{i}" for i in range(12)]
@@ -155,8 +155,8 @@ def test_lora_model_built_twice_from_one_adapter_is_equal_and_leaves_it_untouche
 def test_new_store_version_gets_a_new_adapter_and_no_stale_kv(tiny_model_dir, stores, shared_llm):
     """Names follow (sorted doc ids, store version): a store that changes gets new adapters, and two stores
     with the same doc ids but other weights never share a name (vLLM's prefix cache keys on it)."""
-    from engine.random_store import build_random_store
-    from offline_encode.store import AdapterStore
+    from tests.helpers.random_store import build_random_store
+    from prag.store import AdapterStore
 
     path = stores["root"] / "growing"
     build_random_store(path, tiny_model_dir, [f"d{i}" for i in range(12)], seed=1, b_std=0.2)

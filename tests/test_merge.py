@@ -46,7 +46,7 @@ def test_mixed_ranks_and_per_adapter_alpha():
                                                (2, [5, 11], torch.bfloat16)])
 def test_row_merge_is_bit_identical_to_cat_merge(k, alpha, storage):
     """The engine's one-gather merge of flat store rows against the per-tensor definition."""
-    from offline_encode.store import Layout
+    from prag.store import Layout
 
     adapters = [_adapter(s, rank=3) for s in range(10, 10 + k)]
     layout = Layout.from_adapter(adapters[0])
@@ -59,7 +59,7 @@ def test_row_merge_is_bit_identical_to_cat_merge(k, alpha, storage):
 
 
 def test_row_merge_rejects_rows_of_the_wrong_shape():
-    from offline_encode.store import Layout
+    from prag.store import Layout
 
     layout = Layout.from_adapter(_adapter(1))
     merge = RowMerge(layout, 2, 32)

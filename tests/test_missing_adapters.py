@@ -18,7 +18,7 @@ def _text(i: int) -> str:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_dir, shared_llm):
     from engine.engine import Engine, EngineConfig
-    from engine.random_store import build_random_store
+    from tests.helpers.random_store import build_random_store
     from retrieval.index import build_index
 
     root = tmp_path_factory.mktemp("missing")
@@ -73,7 +73,7 @@ def test_fallback_rag_puts_the_adapterless_documents_in_the_prompt(setup):
 
 
 def test_eval_fails_before_generating_by_default_and_counts_what_the_policies_touched(setup, tmp_path):
-    from engine.evaluate import EvalConfig, evaluate
+    from engine.eval.harness import EvalConfig, evaluate
 
     engine = setup["engine"]
     data = tmp_path / "q.jsonl"  # each question is its document's text: dense top-1 retrieves it

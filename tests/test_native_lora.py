@@ -1,4 +1,4 @@
-"""The fused C multi-LoRA kernel (engine/csrc/lora_cpu.c via engine.native_lora) against the definition."""
+"""The fused C multi-LoRA kernel (engine/vllm_backend/csrc/lora_cpu.c via engine.vllm_backend.native_lora) against the definition."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine import native_lora
+from engine.vllm_backend import native_lora
 
 # blocks of 4 equal slots (the kernel's shared-weights path), single tokens, no adapter (-1), a slot past
 # the stacked tensor (treated as no adapter), a run that straddles a block boundary, a short tail
@@ -142,7 +142,7 @@ def test_switch_off_and_missing_compiler_fall_back(monkeypatch):
 
 def test_wrapper_refreshes_transposed_b_after_an_in_place_adapter_load():
     """vLLM writes a new adapter into a slot in place; the cached transposed B must follow."""
-    from engine.vllm_cpu_lora import GroupedPunicaWrapperCPU
+    from engine.vllm_backend.cpu_lora import GroupedPunicaWrapperCPU
 
     wrapper = SimpleNamespace(_transposed={})
     lora_b = torch.randn(3, 1, 10, 4)

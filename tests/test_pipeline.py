@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.pipeline import STAGES, load_run_config, run_pipeline
+from prag.pipeline import STAGES, load_run_config, run_pipeline
 from prag.errors import PragError
 from prag.io import atomic_write_jsonl, iter_jsonl
 
@@ -25,10 +25,10 @@ N_DOCS = 6
 
 def _small_data(tmp: Path) -> tuple[Path, Path]:
     """The first demo documents and a few questions about them."""
-    docs = [rec for _, rec in iter_jsonl(REPO / "engine/data/corpus.jsonl")][:N_DOCS]
+    docs = [rec for _, rec in iter_jsonl(REPO / "demo/data/corpus.jsonl")][:N_DOCS]
     ids = {d["id"] for d in docs}
     questions = [{"id": r["id"], "question": r["question"], "answer": r["answer"]}
-                 for _, r in iter_jsonl(REPO / "engine/data/questions.jsonl") if r["doc_id"] in ids][::3]
+                 for _, r in iter_jsonl(REPO / "demo/data/questions.jsonl") if r["doc_id"] in ids][::3]
     corpus, data = tmp / "corpus.jsonl", tmp / "questions.jsonl"
     atomic_write_jsonl(corpus, docs)
     atomic_write_jsonl(data, questions)
@@ -191,7 +191,7 @@ def test_run_skip_and_resume_after_kill(tmp_path, tiny_model_dir, shared_llm):
             proc.wait(timeout=30)
     killed = json.loads(run_json.read_text())["stages"]
     assert killed["encode"]["status"] == "running" and "eval" not in killed
-    from offline_encode.store import AdapterStore
+    from prag.store import AdapterStore
 
     with AdapterStore.open(tmp_path / "run-b" / "encode") as store:
         committed = len(store)

@@ -17,7 +17,7 @@ from offline_encode.ray_jobs import (LOCAL, RayOptions, WorkerPool, plan_actors,
                                      run_sharded)
 from prag.errors import PragError
 from prag.prompt import PromptConfig
-from test_encode import CFG, N_GOOD, assert_same_store, augmented_file, encoded  # noqa: F401 (shared fixtures)
+from tests.test_encode import CFG, N_GOOD, assert_same_store, augmented_file, encoded  # noqa: F401 (shared fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 

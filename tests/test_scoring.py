@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.scoring import exact_match, extract_answer, f1_precision_recall, mean_scores, normalize_answer, score
+from engine.eval.scoring import exact_match, extract_answer, f1_precision_recall, mean_scores, normalize_answer, score
 
 
 @pytest.mark.parametrize("text,cot,want", [

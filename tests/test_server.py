@@ -33,8 +33,8 @@ def server(tmp_path_factory, tiny_model_dir, shared_llm):
     import uvicorn
 
     from engine.engine import Engine, EngineConfig
-    from engine.random_store import build_random_store
-    from engine.server import ServerConfig, create_app
+    from tests.helpers.random_store import build_random_store
+    from engine.http.server import ServerConfig, create_app
 
     store = build_random_store(tmp_path_factory.mktemp("srv") / "store", tiny_model_dir, list(DOCS), seed=3)
     engine = Engine(tiny_model_dir, store=store, llm=shared_llm, documents=DOCS, config=EngineConfig())
@@ -55,7 +55,7 @@ def server(tmp_path_factory, tiny_model_dir, shared_llm):
 
 
 def test_binds_loopback_and_lists_models(server):
-    from engine.server import ServerConfig
+    from engine.http.server import ServerConfig
 
     assert ServerConfig().host == "127.0.0.1"
     models = server["client"].models.list()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from offline_encode.peft_format import read_peft_adapter, write_peft_adapter
-from offline_encode.store import (AdapterStore, MissingAdapterError, StoreMismatchError, StoreSpec,
+from prag.store import (AdapterStore, MissingAdapterError, StoreMismatchError, StoreSpec,
                                   model_fingerprint, write_shard_file)
 from prag.errors import PragError
 

@@ -16,7 +16,7 @@ import torch
 
 from offline_encode.config import EncodeConfig, lora_key
 from offline_encode.lora_math import adamw_update_
-from offline_encode.reference import train_reference
+from tests.helpers.encode_reference import train_reference
 from offline_encode.trainer import BatchedLoraTrainer, make_init_adapter, split_by_padding, target_module_names
 from offline_encode.training_data import build_training_sequences, skip_reason
 from prag.errors import PragError

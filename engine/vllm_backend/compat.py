@@ -64,7 +64,7 @@ PRIVATE_SYMBOLS: tuple[PrivateSymbol, ...] = (
                   "the CPU build's LoRA ops; CUDA builds use punica_gpu (SGMV/Triton) instead. The memory "
                   "path only writes the stacked slot tensors both read, so it runs on either", builds="cpu"),
     PrivateSymbol("vllm.config.model", "_get_and_verify_dtype",
-                  "prag.llm.resolve_dtype: the dtype vLLM will run a checkpoint in under --dtype auto, known "
+                  "engine.vllm_backend.llm.resolve_dtype: the dtype vLLM will run a checkpoint in under --dtype auto, known "
                   "before an engine starts (eval's resume check records it)",
                   params=("config", "dtype", "is_pooling_model"), memory_path=False),
 )

@@ -35,7 +35,7 @@ import torch
 from prag.errors import PragError
 
 if TYPE_CHECKING:
-    from offline_encode.store import Layout
+    from prag.store import Layout
 
 SCHEME = "prag-mem://"
 

@@ -154,7 +154,7 @@ class LLMAugmenter:
     @property
     def llm(self):
         if self._llm is None:  # built on first use: a fully resumed run never starts an engine
-            from prag.llm import LLMConfig, has_cuda, make_llm
+            from engine.vllm_backend.llm import LLMConfig, has_cuda, make_llm
 
             engine_args = dict(self.cfg.engine_args)
             if not has_cuda():

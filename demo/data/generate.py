@@ -2,7 +2,7 @@
 
 Everything is invented (people, towns, years), so a model can only answer from the documents.
 The demo corpus and the pre-training documents use disjoint names: pre-training teaches the
-question/answer *format*, never the demo's facts. Run ``python -m engine.data.generate`` to
+question/answer *format*, never the demo's facts. Run ``python -m demo.data.generate`` to
 rewrite the committed files; the output is byte-identical for the same seed.
 """
 

@@ -1,7 +1,7 @@
 """vLLM general-plugin hook (entry point ``vllm.general_plugins`` in pyproject).
 
 vLLM calls :func:`register` in every process it starts (front end, engine core, workers). It only
-acts when ``PRAG_CPU_LORA=1``, which :func:`prag.llm.make_llm` sets for the engines this project
+acts when ``PRAG_CPU_LORA=1``, which :func:`engine.vllm_backend.llm.make_llm` sets for the engines this project
 builds, so other vLLM programs in the same environment keep vLLM's own behaviour. Kept import-light:
 it runs in every vLLM process, enabled or not.
 """
@@ -12,11 +12,11 @@ import os
 from collections.abc import Set as AbstractSet
 
 ENV_FLAG = "PRAG_CPU_LORA"
-WRAPPER_QUALNAME = "engine.vllm_cpu_lora.GroupedPunicaWrapperCPU"
+WRAPPER_QUALNAME = "engine.vllm_backend.cpu_lora.GroupedPunicaWrapperCPU"
 
 
 def register() -> None:
-    """Route the CPU platform's punica wrapper to :class:`engine.vllm_cpu_lora.GroupedPunicaWrapperCPU`."""
+    """Route the CPU platform's punica wrapper to :class:`engine.vllm_backend.cpu_lora.GroupedPunicaWrapperCPU`."""
     if os.environ.get(ENV_FLAG) != "1":
         return
     from vllm.platforms import current_platform

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.datasets import Example, load_dataset, resolve_dataset_name
+from engine.eval.datasets import Example, load_dataset, resolve_dataset_name
 from engine.engine import ADAPTER_MODES, Answer, Engine, EngineConfig, parse_modes
-from engine.scoring import Score, mean_scores, score
+from engine.eval.scoring import Score, mean_scores, score
 from prag.errors import PragError
 from prag.io import (OutputKind, atomic_write_json, atomic_write_text, check_output_dir, ensure_writable_dir,
                      json_marker, read_json)
@@ -280,7 +280,7 @@ def _versions() -> dict:
 
 def _lora_ops(enable_lora: bool) -> str | None:
     """Which multi-LoRA ops the engine's vLLM runs (their rounding differs, so they are part of a run)."""
-    from prag.llm import has_cuda
+    from engine.vllm_backend.llm import has_cuda
 
     if not enable_lora:
         return None
@@ -288,7 +288,7 @@ def _lora_ops(enable_lora: bool) -> str | None:
         return "vllm-punica"
     if os.environ.get("PRAG_CPU_LORA", "1") != "1":
         return "vllm-cpu-torch"
-    from engine import native_lora
+    from engine.vllm_backend import native_lora
 
     return "prag-native-c" if native_lora.load() is not None else "prag-grouped-torch"
 
@@ -305,9 +305,9 @@ def run_identity(cfg: EvalConfig, engine: Engine | None = None, tokenizer: Any =
     start-up (the full identity is checked again once the engine runs)."""
     from dataclasses import asdict
 
-    from offline_encode.store import AdapterStore, model_fingerprint
+    from prag.store import AdapterStore, model_fingerprint
     from prag.io import sha256_file
-    from prag.llm import llm_custom_ops, llm_dtype, resolve_dtype
+    from engine.vllm_backend.llm import llm_custom_ops, llm_dtype, resolve_dtype
 
     ec = engine.config if engine is not None else cfg.engine
     model = str(cfg.model or engine.model) if engine is not None else str(cfg.model)

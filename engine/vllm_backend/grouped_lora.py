@@ -1,4 +1,4 @@
-"""Multi-LoRA matmuls grouped by adapter: pure tensor code behind :mod:`engine.vllm_cpu_lora`.
+"""Multi-LoRA matmuls grouped by adapter: pure tensor code behind :mod:`engine.vllm_backend.cpu_lora`.
 
 A step's tokens are grouped once into *segments*, runs of consecutive tokens that share an adapter.
 Long runs (prefill chunks) gather their adapter once and apply it with one batched matmul, padded to

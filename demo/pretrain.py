@@ -65,7 +65,7 @@ class PretrainExamples:
     closed: list[list[Triple]]
 
 def read_pretrain_records(path: str | Path, max_docs: int | None = None) -> list[dict]:
-    """Records ``{id, title, text, rewrite?, qa: [{question, answer}]}`` (engine/data/pretrain.jsonl)."""
+    """Records ``{id, title, text, rewrite?, qa: [{question, answer}]}`` (demo/data/pretrain.jsonl)."""
     out = []
     for lineno, rec in iter_jsonl(path):
         for field in ("id", "text", "qa"):

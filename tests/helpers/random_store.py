@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import torch
 
 from offline_encode.config import EncodeConfig
-from offline_encode.store import AdapterStore, StoreSpec, model_fingerprint
+from prag.store import AdapterStore, StoreSpec, model_fingerprint
 from prag.errors import PragError
 
 

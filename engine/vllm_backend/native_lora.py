@@ -1,4 +1,4 @@
-"""The fused CPU multi-LoRA kernel (``engine/csrc/lora_cpu.c``): compiled on first use, called via ctypes.
+"""The fused CPU multi-LoRA kernel (``engine/vllm_backend/csrc/lora_cpu.c``): compiled on first use, called via ctypes.
 
 Why ctypes and a plain C file rather than a torch extension: it compiles in about a second with the
 system C compiler (no torch headers, no ninja), and ctypes releases the GIL during the call. The
@@ -7,7 +7,7 @@ shared object is cached per source, compiler flags and CPU (it is built with ``-
 never load a half-written file.
 
 :func:`load` returns None, and says why once in the log, when there is no C compiler or the build
-fails; the caller then keeps the pure-torch grouped ops (:mod:`engine.grouped_lora`).
+fails; the caller then keeps the pure-torch grouped ops (:mod:`engine.vllm_backend.grouped_lora`).
 ``PRAG_NATIVE_LORA=0`` switches the kernel off.
 """
 
