@@ -63,9 +63,11 @@ def resolve_address(address: str) -> str:
     if env and env != "auto":
         return env
     try:
-        from ray._private.services import canonicalize_bootstrap_address
+        from prag.ray_compat import canonicalize_bootstrap_address  # a private Ray function, listed there
 
         found = canonicalize_bootstrap_address("auto")
+    except PragError:  # Ray outside the tested range: say so, not "no cluster found"
+        raise
     except Exception as exc:  # ray raises ConnectionError when it finds nothing
         found = None
         detail = f" ({exc})"

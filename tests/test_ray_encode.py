@@ -1,16 +1,12 @@
 """Ray: a local 2-CPU cluster encodes the same store as the single-process run; unreachable addresses fail
-fast; ray_cluster.yaml passes Ray's own cluster-config validation."""
+fast. (ray_cluster.yaml is checked in tests/test_ray_cluster_file.py.)"""
 
 from __future__ import annotations
 
-import copy
-import json
 import operator
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from offline_encode.encode import encode_corpus
 from offline_encode.ray_jobs import (LOCAL, RayOptions, WorkerPool, plan_actors, probe_address, ray_session,
@@ -18,8 +14,6 @@ from offline_encode.ray_jobs import (LOCAL, RayOptions, WorkerPool, plan_actors,
 from prag.errors import PragError
 from prag.prompt import PromptConfig
 from tests.test_encode import CFG, N_GOOD, assert_same_store, augmented_file, encoded  # noqa: F401 (shared fixtures)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_local_cluster_matches_single_process(encoded, augmented_file, tiny_model_dir, tmp_path):
@@ -93,38 +87,6 @@ def test_actor_plan():
     assert plan_actors(RayOptions("x", cpus_per_actor=1, max_actors=3), {"CPU": 16.0}) == (3, 1.0, 0.0)
     assert plan_actors(RayOptions("x"), {"CPU": 2.0}) == (1, 2.0, 0.0)
     assert plan_actors(RayOptions("x", gpu_actors=8), {"CPU": 8.0}) == (8, 1.0, 1.0)  # autoscaling
-
-
-def _ray_schema_check(config: dict) -> None:
-    """What `ray up` does before launching: fill in the provider defaults, then validate against
-    ray/autoscaler/ray-schema.json (plus Ray's own cross-field checks)."""
-    import jsonschema
-    import ray.autoscaler
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
-    jsonschema.validate(config, schema)
-    validate_config(prepare_config(copy.deepcopy(config)))
-
-
-def test_ray_cluster_yaml_is_valid():
-    import jsonschema
-
-    config = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
-    _ray_schema_check(config)
-    nodes = config["available_node_types"]
-    assert config["head_node_type"] in nodes
-    gpu_types = [n for n, spec in nodes.items() if n != config["head_node_type"]]
-    assert gpu_types and all(nodes[n]["max_workers"] >= 1 for n in gpu_types)
-    assert any("make install" in c or "pip install -e" in c for c in config["setup_commands"])
-    text = (REPO / "ray_cluster.yaml").read_text()
-    assert "ray job submit" in text and "prag encode" in text and "--ray-address auto" in text
-    # the check can fail: a misspelt field is rejected
-    broken = copy.deepcopy(config)
-    broken["available_node_types"]["head.cpu"]["node_confg"] = broken["available_node_types"]["head.cpu"].pop(
-        "node_config")
-    with pytest.raises(jsonschema.ValidationError):
-        _ray_schema_check(broken)
 
 
 def test_run_sharded_in_process():
