@@ -1,22 +1,16 @@
-"""The PRAG engine: question -> top-k doc ids -> merged adapter (cached) -> one batched vLLM run -> answer.
+"""The PRAG engine: question -> top-k doc ids -> merged adapter (cached) -> vLLM -> answer.
 
-Modes (the paper's names):
+Modes (:class:`engine.request.Mode`, the paper's names): ``none`` (the question alone), ``rag``
+(the top-k passages in the prompt), ``prag`` (the cat-merged adapter of the top-k documents, no
+passages) and ``combine`` (both).
 
-* ``none``    - the question alone;
-* ``rag``     - the top-k passages in the prompt;
-* ``prag``    - the cat-merged adapter of the top-k documents, no passages;
-* ``combine`` - both.
-
-Batching and overlap. ``generate`` sends every question of a call to the same vLLM engine so
-continuous batching works across all of them, each request carrying its own ``LoRARequest``.
-Adapters are prepared ahead on a thread pool (store read -> cat-merge -> PEFT dir on tmpfs, one
-job per distinct document set) while the main thread retrieves passages and tokenises prompts.
-Requests are then *enqueued* into vLLM as soon as their adapter is ready (``LLM.enqueue``): the
-engine core runs in its own process, so it starts decoding the first requests while later
-adapters are still being merged, and new requests join the running batch at the next step.
-One ``wait_for_completion`` collects everything (a vLLM without ``enqueue`` gets one ``generate``
-call with a per-prompt ``lora_request`` list instead). Repeated document sets hit the merged-adapter
-cache (stable ``lora_name``/``lora_int_id``) and therefore vLLM's own adapter cache too.
+One path for every caller. :meth:`Engine.stream` answers one question: retrieval (concurrent
+questions share one batched search, :class:`RetrievalBatcher`), then the merged adapter (cached;
+store read and merge run on a thread beside the model) while the prompt is tokenised, then the
+request goes to vLLM the moment its adapter is ready. The driver (``engine/vllm_backend/driver.py``)
+steps vLLM continuously, so a request joins the running batch at the next step, whatever else is
+decoding: the HTTP server streams each question through it, and batch evaluation
+(:meth:`Engine.generate`) submits all its questions at once with a bound on those in flight.
 
 The merge order inside an adapter is the sorted doc-id order (the cache key), so the same set
 retrieved in another order reuses the adapter; the delta is a sum, so order does not change it.
@@ -24,46 +18,47 @@ retrieved in another order reuses the adapter; the delta is a sum, so order does
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 from engine.adapter_cache import DEFAULT_MAX_BYTES, CachedAdapter, CacheKey, MergedAdapterCache, make_key
 from engine.merge import MergedAdapter, RowMerge
 from engine.prompts import build_prompt, prompt_config
+from engine.request import (MODES, FailureKind, Limits, Mode, PragRequest, RequestInvalid, Sampling,
+                            check_request)
 from engine.eval.scoring import extract_answer
+from engine.vllm_backend.llm import (SUPPORTED_LORA_RANKS, LLMConfig, has_cuda, make_llm, shutdown_llm,
+                                     smallest_lora_rank)
 from prag.errors import PragError
-from engine.vllm_backend.llm import SUPPORTED_LORA_RANKS, LLMConfig, has_cuda, make_llm, shutdown_llm, smallest_lora_rank
 from prag.prompt import PromptConfig
 
 log = logging.getLogger(__name__)
 
-MODES = ("none", "rag", "prag", "combine")
-PASSAGE_MODES = ("rag", "combine")
-ADAPTER_MODES = ("prag", "combine")
+PASSAGE_MODES = tuple(m.value for m in Mode if m.needs_passages)
+ADAPTER_MODES = tuple(m.value for m in Mode if m.needs_adapter)
 # What a retrieved document without an adapter does to a prag/combine question: "error" fails the
 # question (the eval harness fails the whole run before generating, listing the gap), "skip-doc" merges
 # only the documents that have adapters, "fallback-rag" also puts the others in the prompt as passages.
 MISSING_ADAPTER_POLICIES = ("error", "skip-doc", "fallback-rag")
+MAX_LORA_RANK = SUPPORTED_LORA_RANKS[-1]
 
 
 def check_missing_policy(policy: str) -> str:
     if policy not in MISSING_ADAPTER_POLICIES:
         raise PragError(f"--on-missing-adapter must be one of {', '.join(MISSING_ADAPTER_POLICIES)}, got {policy!r}")
     return policy
-MAX_LORA_RANK = SUPPORTED_LORA_RANKS[-1]
 
 
 def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise PragError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-    return mode
+    return Mode.parse(mode).value
 
 
 def parse_modes(modes: str | Sequence[str]) -> list[str]:
@@ -78,11 +73,12 @@ def parse_modes(modes: str | Sequence[str]) -> list[str]:
 def check_top_k(top_k: Any, rank: int | None = None) -> int:
     """``top_k`` must be positive and ``top_k * rank`` must fit vLLM's largest ``max_lora_rank``."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
-        raise PragError(f"top_k must be a positive integer, got top_k={top_k!r}")
+        raise RequestInvalid("top_k", f"top_k must be a positive integer, got top_k={top_k!r}")
     rank = rank or 1  # unknown until the store is open; no adapter has rank < 1
     if top_k * rank > MAX_LORA_RANK:
-        raise PragError(f"top_k={top_k} with adapter rank {rank} gives a merged rank of {top_k * rank}, above "
-                        f"vLLM's largest max_lora_rank {MAX_LORA_RANK}; use top_k <= {MAX_LORA_RANK // rank}")
+        raise RequestInvalid("top_k", f"top_k={top_k} with adapter rank {rank} gives a merged rank of "
+                                      f"{top_k * rank}, above vLLM's largest max_lora_rank {MAX_LORA_RANK}; "
+                                      f"use top_k <= {MAX_LORA_RANK // rank}")
     return top_k
 
 
@@ -126,6 +122,10 @@ class EngineConfig:
     # a retrieved document without an adapter (prag/combine): error | skip-doc | fallback-rag (see
     # MISSING_ADAPTER_POLICIES); "error" fails that question here, and a whole eval run before it starts
     on_missing_adapter: str = "error"
+    # Who drives vLLM (engine/vllm_backend/driver.py): "llm" steps a vllm.LLM from one thread, "async" runs
+    # vLLM's AsyncLLM (engine core in its own process), "auto": "llm" where the engine core runs in this
+    # process (the CPU default, measured faster there and needed by the memory hand-over), else "async".
+    driver: str = "auto"
 
     def resolved_prepare_threads(self) -> int:
         if self.prepare_threads is not None:
@@ -133,6 +133,13 @@ class EngineConfig:
                 raise PragError(f"prepare_threads must be >= 1, got {self.prepare_threads}")
             return self.prepare_threads
         return 4 if has_cuda() else 1
+
+    def resolved_driver(self, llm_cfg: LLMConfig) -> str:
+        if self.driver not in ("auto", "llm", "async"):
+            raise PragError(f"driver must be auto, llm or async, got {self.driver!r}")
+        if self.driver != "auto":
+            return self.driver
+        return "llm" if llm_cfg.resolved_in_process() else "async"
 
     def resolved_max_new_tokens(self) -> int:
         if self.max_new_tokens is not None:
@@ -165,6 +172,7 @@ class Answer:
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
     error: str | None = None
+    error_kind: FailureKind | None = None
     truncated: bool = False
     truncation: dict | None = None
     lora_name: str | None = None
@@ -172,13 +180,45 @@ class Answer:
     # retrieved documents that had no adapter, and the policy that handled them (None: none missing)
     missing_doc_ids: list[str] = field(default_factory=list)
     on_missing_adapter: str | None = None
+    adapter_cache_hit: bool | None = None  # None: no adapter was needed
+    # seconds: retrieve_s, adapter_s (merged adapter ready, after retrieval), ttft_s, total_s
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    def fail(self, kind: FailureKind, message: str) -> "Answer":
+        self.error_kind, self.error = kind, message
+        return self
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["error_kind"] = None if self.error_kind is None else self.error_kind.value
+        return out
+
+
+@dataclass
+class Retrieved:
+    """Stream event: the documents chosen for the question (sent before generation starts)."""
+
+    doc_ids: list[str]
+    scores: list[float]
+
+
+@dataclass
+class Delta:
+    """Stream event: the text and token ids of one generated step."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Finished:
+    """Stream event, always the last: the whole answer (or its typed failure)."""
+
+    answer: Answer
 
 
 @dataclass
@@ -190,7 +230,7 @@ class GenerateStats:
     prompt_tokens: int = 0
     retrieve_s: float = 0.0
     prompt_s: float = 0.0
-    adapter_wait_s: float = 0.0  # time vLLM sat idle waiting for the first (or next) merged adapter
+    adapter_wait_s: float = 0.0  # summed over questions: time a ready prompt waited for its merged adapter
     generate_s: float = 0.0
     total_s: float = 0.0
     adapters_built: int = 0
@@ -205,32 +245,73 @@ class GenerateStats:
     slot_fill_s: float = 0.0
 
 
-def _llm_lora_limits(llm) -> tuple[int | None, int]:
-    """(max_lora_rank or None if LoRA is off, max_model_len) of an existing ``vllm.LLM``."""
-    engine = llm.llm_engine
-    lora = getattr(engine.vllm_config, "lora_config", None)
-    return (lora.max_lora_rank if lora is not None else None), engine.model_config.max_model_len
+def _adapter_failure(exc: PragError) -> FailureKind:
+    from prag.store import MissingAdapterError
+
+    return FailureKind.MISSING_ADAPTER if isinstance(exc, MissingAdapterError) else FailureKind.CORRUPT_ADAPTER
 
 
-def _external_id(request_id: str) -> str:
-    """vLLM appends '-<8 random chars>' to the id LLM.enqueue hands out; outputs carry the bare id."""
-    head, sep, tail = request_id.rpartition("-")
-    return head if sep and head and len(tail) == 8 else request_id
+class RetrievalBatcher:
+    """Questions that arrive while a search runs share the next one: one embedding batch and one FAISS
+    call for many requests, with no waiting window (a lone question is searched at once)."""
 
+    def __init__(self, retriever: Any, method: str):
+        self.retriever, self.method = retriever, method
+        self._cond = threading.Condition()
+        self._queue: list[tuple[str, int, Future]] = []
+        self._closed = False
+        self.calls = 0
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="prag-retrieval", daemon=True)
+        self._thread.start()
 
-def _unpin_when_built(cache: MergedAdapterCache, key: CacheKey, fut: Future) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        cache.unpin([key])
+    async def search(self, question: str, k: int) -> list[tuple[str, float]]:
+        fut: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise PragError("the engine is closed")
+            self._queue.append((question, k, fut))
+            self._cond.notify()
+        return await asyncio.wrap_future(fut)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            by_k: dict[int, list[tuple[str, Future]]] = {}
+            for q, k, fut in batch:
+                by_k.setdefault(k, []).append((q, fut))
+            for k, items in by_k.items():
+                t0 = time.perf_counter()
+                try:
+                    hits = self.retriever.search([q for q, _ in items], k, method=self.method)
+                except BaseException as exc:  # noqa: BLE001 - every waiting question sees the failure
+                    for _, fut in items:
+                        fut.set_exception(exc)
+                    continue
+                self.calls += 1
+                self.seconds += time.perf_counter() - t0
+                for (_, fut), h in zip(items, hits):
+                    fut.set_result(h)
 
 
 class Engine:
-    """Serve the four modes over one vLLM engine. See the module doc for the batching design."""
+    """Serve the four modes over one vLLM engine. See the module doc for the request path."""
 
     def __init__(self, model: str | os.PathLike, index: Any = None, store: Any = None,
                  config: EngineConfig | None = None, *, llm: Any = None,
                  documents: Mapping[str, Any] | None = None, tokenizer: Any = None):
         """``index``: a ``retrieval.Retriever`` or an index directory; ``store``: an ``AdapterStore``
-        or its directory; ``llm``: an existing ``vllm.LLM`` to reuse (else one is built);
+        or its directory; ``llm``: an existing ``vllm.LLM`` to share (else one is built);
         ``documents``: doc id -> text (or ``Document``) for passages when there is no index."""
         from prag.model_files import check_model_dir
 
@@ -239,6 +320,7 @@ class Engine:
         self.model_dir = str(check_model_dir(model))
         self.model = str(model)
         self.config = config or EngineConfig()
+        check_missing_policy(self.config.on_missing_adapter)
         self.prompt_cfg = self.config.resolved_prompt()
         self.max_new_tokens = self.config.resolved_max_new_tokens()
         if self.max_new_tokens <= 0:
@@ -258,6 +340,8 @@ class Engine:
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.tokenizer = tokenizer
         needed = smallest_lora_rank(self.config.top_k * (self.rank or 1))
+        self._owns_llm = llm is None
+        self.driver: Any
         if llm is None:
             rank = self.config.max_lora_rank or needed
             if rank not in SUPPORTED_LORA_RANKS:
@@ -269,16 +353,31 @@ class Engine:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.config.kv_cache_gib))
             # LoRA slots cost memory and time; without a store no mode can use them
             targets = tuple(self.store.target_modules) if self.store is not None else None
-            llm = make_llm(self.config.llm_config(self.model_dir, rank, enable_lora=self.store is not None,
-                                                  lora_target_modules=targets))
-            self._owns_llm = True
-        else:
-            self._owns_llm = False
+            llm_cfg = self.config.llm_config(self.model_dir, rank, enable_lora=self.store is not None,
+                                             lora_target_modules=targets)
+            if self.config.resolved_driver(llm_cfg) == "async":
+                from engine.vllm_backend.driver import AsyncLLMDriver
+                from engine.vllm_backend.llm import async_engine_kwargs
+
+                self.driver = AsyncLLMDriver(async_engine_kwargs(llm_cfg))
+                llm = self.driver.llm
+            else:
+                llm = make_llm(llm_cfg)
+        if not hasattr(self, "driver"):
+            from engine.vllm_backend.driver import driver_for
+
+            self.driver = driver_for(llm)
         self.llm = llm
-        self.max_lora_rank, self.max_model_len = _llm_lora_limits(llm)
+        self.max_lora_rank, self.max_model_len = _lora_limits(llm)
         if self.store is not None and self.max_lora_rank is not None and needed > self.max_lora_rank:
             raise PragError(f"top_k={self.config.top_k} x rank {self.rank} needs max_lora_rank >= "
                             f"{self.config.top_k * self.rank}, but the vLLM engine has {self.max_lora_rank}")
+        self.limits = Limits(max_model_len=self.max_model_len, max_tokens=self.max_model_len - 1,
+                             adapter_rank=self.rank, max_lora_rank=self.max_lora_rank)
+        # a question longer than this many characters cannot fit the context whatever it says: no token of
+        # the vocabulary is longer than the longest one (the server rejects it before tokenising)
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=16)
+        self.max_question_chars = self.max_model_len * max(longest, 1)
         self.handover = self._choose_handover()
         if self.handover == "memory":
             from engine.vllm_backend import memory_lora
@@ -293,8 +392,13 @@ class Engine:
         self._thread_times = {"store_read_s": 0.0, "merge_s": 0.0, "write_s": 0.0}
         self._pool = ThreadPoolExecutor(max_workers=self.config.resolved_prepare_threads(),
                                         thread_name_prefix="prag-adapter")
-        self._generate_lock = threading.Lock()  # one batch at a time on the shared vLLM engine
+        # prompts are tokenised off the event loop, on one thread: a long question never stalls the server
+        self._prompt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prag-prompt")
+        self._retrieval = RetrievalBatcher(self.retriever, self.config.retrieval_method) \
+            if self.retriever is not None else None
         self._row_merges: dict[int, Any] = {}
+        self._in_flight = 0
+        self._closed = False
         self.last_stats = GenerateStats()
 
     @classmethod
@@ -359,10 +463,21 @@ class Engine:
             self._thread_times[name] += seconds
 
     def close(self) -> None:
+        """Stop the helper threads, remove the merged-adapter folder, and shut vLLM down if this engine
+        started it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._retrieval is not None:
+            self._retrieval.close()
         self._pool.shutdown(wait=True)
+        self._prompt_pool.shutdown(wait=True)
         self.cache.close()
         if self._owns_llm:
-            shutdown_llm(self.llm)
+            if hasattr(self.driver, "vllm_config"):  # AsyncLLMDriver owns its engine
+                self.driver.close()
+            else:
+                shutdown_llm(self.llm)
 
     def __enter__(self) -> "Engine":
         return self
@@ -370,9 +485,14 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def in_flight(self) -> int:
+        """Questions inside :meth:`stream` right now (retrieving, merging or decoding)."""
+        return self._in_flight
+
     # -- pieces of the per-question flow ---------------------------------------------------------
     def _adapter(self, key: CacheKey) -> CachedAdapter:
-        """Read the documents' adapters, cat-merge them (sorted doc-id order) and write the dir; cached."""
+        """Read the documents' adapters and cat-merge them (sorted doc-id order); cached and pinned once."""
         doc_ids = list(key[0])
 
         def build():
@@ -401,262 +521,305 @@ class Engine:
             self._row_merges[k] = merge
         return merge
 
-    def _passages(self, answers: Sequence[Answer], idx: Sequence[int],
-                  which: Mapping[int, list[str]] | None = None) -> dict[int, list[str]]:
-        """Passage texts per question (its ``doc_ids``, or ``which[i]``); a question whose documents cannot
-        be fetched gets an error."""
-        out: dict[int, list[str]] = {}
-        ids_of = (lambda i: which[i]) if which is not None else (lambda i: answers[i].doc_ids)
-        unique = list(dict.fromkeys(d for i in idx for d in ids_of(i)))
-        texts: dict[str, str] = {}
+    def _texts(self, doc_ids: Sequence[str]) -> tuple[list[str] | None, str | None]:
+        """The passages of ``doc_ids`` in order, or (None, why not)."""
         if self.documents is not None:
-            for d in unique:
-                if d in self.documents:
-                    doc = self.documents[d]
-                    texts[d] = doc if isinstance(doc, str) else doc.text
-        elif self.retriever is not None and unique:
-            try:
-                texts = {d: doc.text for d, doc in zip(unique, self.retriever.fetch(unique))}
-            except PragError:  # some id is unknown: find which, keep the rest
-                for d in unique:
-                    try:
-                        texts[d] = self.retriever.fetch([d])[0].text
-                    except PragError:
-                        pass
-        for i in idx:
-            missing = [d for d in ids_of(i) if d not in texts]
+            missing = [d for d in doc_ids if d not in self.documents]
             if missing:
-                src = "the documents mapping" if self.documents is not None else "the index"
-                answers[i].error = f"document id(s) {missing[:5]} not found in {src}" \
-                    if (self.documents is not None or self.retriever is not None) \
-                    else "mode needs passages but the engine has no index or documents"
-            else:
-                out[i] = [texts[d] for d in ids_of(i)]
-        return out
+                return None, f"document id(s) {missing[:5]} not found in the documents mapping"
+            return [d if isinstance(d, str) else d.text for d in (self.documents[i] for i in doc_ids)], None
+        if self.retriever is None:
+            return None, "mode needs passages but the engine has no index or documents"
+        try:
+            return [doc.text for doc in self.retriever.fetch(list(doc_ids))], None
+        except PragError:  # some id is unknown: find which
+            missing = []
+            for d in doc_ids:
+                try:
+                    self.retriever.fetch([d])
+                except PragError:
+                    missing.append(d)
+            return None, f"document id(s) {missing[:5]} not found in the index"
 
-    # -- the public call -------------------------------------------------------------------------
+    def _prompt(self, a: Answer, passages: Sequence[str] | None, budget: int) -> None:
+        """Tokenise the prompt into ``a`` (the prompt thread), or record why it cannot be built."""
+        try:
+            built = build_prompt(self.tokenizer, a.question, passages, self.prompt_cfg, budget)
+        except PragError as exc:
+            a.fail(FailureKind.PROMPT_TOO_LONG, str(exc))
+            return
+        a.prompt_token_ids, a.prompt = built.ids, built.text
+        if built.truncation is not None:
+            a.truncated, a.truncation = True, built.truncation
+
+    def _passages_and_prompt(self, a: Answer, passage_ids: Sequence[str] | None, budget: int) -> None:
+        passages = None
+        if passage_ids:
+            passages, why = self._texts(passage_ids)
+            if passages is None:
+                a.fail(FailureKind.UNKNOWN_DOCUMENT, why)
+                return
+        self._prompt(a, passages, budget)
+
+    def _check_mode_setup(self, mode: Mode, explicit_docs: bool) -> None:
+        """Configuration problems (a mode this engine cannot serve) raise before any work starts."""
+        if mode.needs_adapter:
+            if self.store is None:
+                raise RequestInvalid("mode", f"mode {mode} needs an adapter store (--store)")
+            if self.max_lora_rank is None:
+                raise RequestInvalid("mode", f"mode {mode} needs a vLLM engine with LoRA enabled")
+        if mode.needs_documents and not explicit_docs and self.retriever is None:
+            raise RequestInvalid("mode", f"mode {mode} needs an index (--index) or explicit doc_ids")
+
+    # -- the public calls ------------------------------------------------------------------------
+    def request(self, question: Any, mode: Any = None, top_k: Any = None, max_tokens: Any = None,
+                doc_ids: Sequence[str] | None = None, sampling: Sampling | None = None) -> PragRequest:
+        """A validated request with this engine's defaults (the server's and the CLI's entry point)."""
+        req = check_request(self.limits, question, "prag" if mode is None else mode,
+                            self.config.top_k if top_k is None else top_k,
+                            self.max_new_tokens if max_tokens is None else max_tokens, doc_ids, sampling)
+        self._check_mode_setup(req.mode, req.doc_ids is not None)
+        return req
+
+    async def answer(self, req: PragRequest, request_id: str | None = None) -> Answer:
+        """One question, answered whole (the last event of :meth:`stream`)."""
+        answer = None
+        gen = self.stream(req, request_id, stream_tokens=False)
+        try:
+            async for event in gen:
+                if isinstance(event, Finished):
+                    answer = event.answer
+        finally:
+            await gen.aclose()
+        return answer
+
+    async def stream(self, req: PragRequest, request_id: str | None = None, stream_tokens: bool = True,
+                     _hits: list[tuple[str, float]] | None = None) -> AsyncIterator[Retrieved | Delta | Finished]:
+        """Answer one question as events: :class:`Retrieved`, one :class:`Delta` per generated step (if
+        ``stream_tokens``), then :class:`Finished`. A failure is a typed ``Answer.error``, never an exception.
+        Closing the iterator early aborts the question's vLLM request."""
+        if self._closed:
+            raise PragError("the engine is closed")
+        rid = request_id or f"prag-{uuid.uuid4().hex}"
+        a = Answer(question=req.question, mode=req.mode.value)
+        t_start = time.perf_counter()
+        self._in_flight += 1
+        adapter_job: Future | None = None
+        try:
+            if not req.question.strip():
+                yield Finished(a.fail(FailureKind.EMPTY_QUESTION, "empty question"))
+                return
+            # 1. documents: explicit ones, else the shared retrieval batch
+            if req.mode.needs_documents:
+                if req.doc_ids is not None:
+                    a.doc_ids = list(req.doc_ids)
+                else:
+                    t0 = time.perf_counter()
+                    hits = _hits if _hits is not None else await self._retrieval.search(req.question, req.top_k)
+                    a.timings["retrieve_s"] = time.perf_counter() - t0
+                    a.doc_ids = [d for d, _ in hits]
+                    a.scores = [float(s) for _, s in hits]
+                if not a.doc_ids:
+                    yield Finished(a.fail(FailureKind.NO_DOCUMENTS, "no documents retrieved for this question"))
+                    return
+                yield Retrieved(list(a.doc_ids), list(a.scores))
+            # 2. the merged adapter starts now, on the adapter thread, while the prompt is tokenised
+            passage_ids = a.doc_ids if req.mode.needs_passages else None
+            t_adapter = time.perf_counter()
+            key = None
+            if req.mode.needs_adapter:
+                present = a.doc_ids
+                if self.config.on_missing_adapter != "error":
+                    absent = set(self.store.missing(a.doc_ids))
+                    a.missing_doc_ids = [d for d in a.doc_ids if d in absent]
+                    if a.missing_doc_ids:
+                        a.on_missing_adapter = self.config.on_missing_adapter
+                        present = [d for d in a.doc_ids if d not in absent]
+                        if self.config.on_missing_adapter == "fallback-rag" and not req.mode.needs_passages:
+                            passage_ids = a.missing_doc_ids
+                if present:  # skip-doc / fallback-rag with no adapter at all: the base model answers
+                    key = make_key(present, self.store.version)
+                    if len(key[0]) * self.rank > self.max_lora_rank:
+                        yield Finished(a.fail(FailureKind.RANK_LIMIT, f"{len(key[0])} documents x rank "
+                                              f"{self.rank} exceed the engine's max_lora_rank {self.max_lora_rank}"))
+                        return
+                    a.adapter_cache_hit = key in self.cache
+                    adapter_job = self._pool.submit(self._adapter, key)
+            budget = self.max_model_len - req.max_tokens
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._prompt_pool, self._passages_and_prompt, a, passage_ids, budget)
+            lora = None
+            if adapter_job is not None:
+                t_ready = time.perf_counter()
+                try:
+                    entry = await asyncio.wrap_future(adapter_job)
+                except PragError as exc:  # missing or corrupt adapter: this question fails, others go on
+                    adapter_job = None
+                    if a.ok:
+                        a.fail(_adapter_failure(exc), str(exc))
+                else:
+                    a.timings["adapter_wait_s"] = time.perf_counter() - t_ready
+                    a.lora_name = entry.lora_name
+                    from vllm.lora.request import LoRARequest
+
+                    lora = LoRARequest(entry.lora_name, entry.lora_int_id, entry.lora_path)
+                a.timings["adapter_s"] = time.perf_counter() - t_adapter
+            if not a.ok:
+                yield Finished(a)
+                return
+            # 3. into vLLM's running batch
+            from vllm import SamplingParams
+            from vllm.sampling_params import RequestOutputKind
+
+            params = SamplingParams(max_tokens=req.max_tokens, **req.sampling.vllm_kwargs(),
+                                    output_kind=RequestOutputKind.DELTA if stream_tokens
+                                    else RequestOutputKind.FINAL_ONLY)
+            outputs = self.driver.generate(a.prompt_token_ids, params, lora, rid)
+            text: list[str] = []
+            try:
+                async for out in outputs:
+                    comp = out.outputs[0]
+                    if "ttft_s" not in a.timings and comp.token_ids:
+                        a.timings["ttft_s"] = time.perf_counter() - t_start
+                    if stream_tokens:
+                        text.append(comp.text)
+                        a.output_token_ids.extend(comp.token_ids)
+                        if comp.text or comp.token_ids:
+                            yield Delta(comp.text, list(comp.token_ids))
+                    else:
+                        text, a.output_token_ids = [comp.text], list(comp.token_ids)
+                    if out.finished:
+                        a.finish_reason = comp.finish_reason
+            except PragError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - vLLM refused or failed this request
+                a.fail(FailureKind.ENGINE, f"vLLM failed on this request: {exc}")
+            finally:
+                await outputs.aclose()
+            a.text = "".join(text)
+            if a.ok and a.finish_reason is None:
+                a.fail(FailureKind.ENGINE, "vLLM returned no output for this request")
+            a.prediction = extract_answer(a.text, self.prompt_cfg.chain_of_thought)
+            a.timings["total_s"] = time.perf_counter() - t_start
+            yield Finished(a)
+        finally:
+            self._in_flight -= 1
+            if adapter_job is not None:  # each built adapter was pinned once for this question
+                adapter_job.add_done_callback(lambda f, key=key: self._unpin_built(f, key))
+
+    def _unpin_built(self, fut: Future, key: CacheKey) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.cache.unpin([key])
+
+    async def answer_many(self, requests: Sequence[PragRequest], max_in_flight: int | None = None) -> list[Answer]:
+        """Answer many questions at once, in input order: questions needing retrieval share batched
+        searches, and at most ``max_in_flight`` (None: all) are inside the engine at a time."""
+        requests = list(requests)
+        hits: dict[int, list] = {}
+        need = [i for i, r in enumerate(requests) if r.mode.needs_documents and r.doc_ids is None
+                and r.question.strip()]
+        if need and self._retrieval is not None:
+            by_k: dict[int, list[int]] = {}
+            for i in need:
+                by_k.setdefault(requests[i].top_k, []).append(i)
+            for k, idx in by_k.items():
+                t0 = time.perf_counter()
+                found = await asyncio.to_thread(self.retriever.search, [requests[i].question for i in idx], k,
+                                                method=self.config.retrieval_method)
+                self.last_stats.retrieve_s += time.perf_counter() - t0
+                hits.update(zip(idx, found))
+        gate = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+
+        async def one(i: int, req: PragRequest) -> Answer:
+            if gate is None:
+                return await self._answer_with_hits(req, hits.get(i))
+            async with gate:
+                return await self._answer_with_hits(req, hits.get(i))
+
+        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+    async def _answer_with_hits(self, req: PragRequest, found) -> Answer:
+        answer = None
+        gen = self.stream(req, stream_tokens=False, _hits=found)
+        try:
+            async for event in gen:
+                if isinstance(event, Finished):
+                    answer = event.answer
+        finally:
+            await gen.aclose()
+        return answer
+
     def generate(self, questions: Sequence[str], mode: str = "prag", top_k: int | None = None,
                  doc_ids: Sequence[Sequence[str] | None] | None = None,
-                 max_new_tokens: int | None = None) -> list[Answer]:
-        """Answer ``questions`` in ``mode``; ``doc_ids[i]`` (optional) overrides retrieval for question i.
+                 max_new_tokens: int | None = None, max_in_flight: int | None = None) -> list[Answer]:
+        """Batch evaluation: answer ``questions`` in ``mode``; ``doc_ids[i]`` (optional) overrides retrieval.
 
-        Per-question problems (empty question, unknown doc id, prompt too long) are recorded in that
-        Answer's ``error`` and the rest of the batch still runs; configuration problems raise PragError.
+        Per-question problems (empty question, unknown doc id, prompt too long, a missing adapter) are
+        recorded in that Answer's ``error``/``error_kind`` and the rest still runs; configuration problems
+        raise PragError. Runs on a private event loop, so it must not be called from inside one.
         """
-        check_mode(mode)
-        check_missing_policy(self.config.on_missing_adapter)
         if isinstance(questions, str):
             raise PragError("generate() takes a list of questions, not a single string")
         questions = list(questions)
-        k = check_top_k(self.config.top_k if top_k is None else top_k, self.rank)
         if doc_ids is not None and len(doc_ids) != len(questions):
             raise PragError(f"doc_ids has {len(doc_ids)} entries for {len(questions)} questions")
-        if mode in ADAPTER_MODES:
-            if self.store is None:
-                raise PragError(f"mode {mode!r} needs an adapter store (--store)")
-            if self.max_lora_rank is None:
-                raise PragError(f"mode {mode!r} needs a vLLM engine with LoRA enabled")
-            if k * self.rank > self.max_lora_rank:
-                raise PragError(f"top_k={k} x adapter rank {self.rank} = {k * self.rank} exceeds the engine's "
-                                f"max_lora_rank {self.max_lora_rank}; lower top_k or restart with a larger "
-                                f"max_lora_rank")
-        new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens <= 0:
-            raise PragError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        with self._generate_lock:
-            return self._generate(questions, mode, k, doc_ids, new_tokens)
+        m = Mode.parse(mode)
+        k = check_top_k(self.config.top_k if top_k is None else top_k, self.rank)
+        if m.needs_adapter and self.max_lora_rank is not None and self.rank and k * self.rank > self.max_lora_rank:
+            raise RequestInvalid("top_k", f"top_k={k} x adapter rank {self.rank} = {k * self.rank} exceeds the "
+                                          f"engine's max_lora_rank {self.max_lora_rank}; lower top_k or restart "
+                                          f"with a larger max_lora_rank")
+        n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        requests, bad = [], {}
+        for i, q in enumerate(questions):
+            ids = doc_ids[i] if doc_ids is not None else None
+            if not isinstance(q, str):
+                bad[i] = Answer(question=str(q), mode=m.value).fail(
+                    FailureKind.EMPTY_QUESTION, "empty question" if q is None
+                    else f"question must be a string, got {type(q).__name__}")
+                q = ""
+            ids = None if ids is None else [str(d) for d in ids]
+            try:
+                requests.append(check_request(self.limits, q, m, k, n, ids or None))
+            except RequestInvalid as exc:
+                if exc.param != "doc_ids":
+                    raise
+                bad[i] = Answer(question=q, mode=m.value).fail(FailureKind.RANK_LIMIT, str(exc))
+                requests.append(check_request(self.limits, q, m, k, n))
+        self._check_mode_setup(m, doc_ids is not None and all(d for d in doc_ids))
+        return self._run_batch(requests, bad, max_in_flight)
 
-    def _generate(self, questions: list, mode: str, k: int, doc_ids, max_new_tokens: int) -> list[Answer]:
-        t_start = time.perf_counter()
-        stats = GenerateStats(questions=len(questions))
+    def _run_batch(self, requests: list[PragRequest], bad: dict[int, Answer], max_in_flight: int | None) -> list[Answer]:
         from engine.vllm_backend.memory_lora import TIMERS
 
+        t_start = time.perf_counter()
+        stats = self.last_stats = GenerateStats(questions=len(requests))
         vllm_before = TIMERS.snapshot()
         with self._timing_lock:
             thread_before = dict(self._thread_times)
-        answers = [Answer(question=q if isinstance(q, str) else str(q), mode=mode) for q in questions]
-        for a, q in zip(answers, questions):
-            if not isinstance(q, str) or not q.strip():
-                a.error = "empty question" if isinstance(q, str) or q is None else \
-                    f"question must be a string, got {type(q).__name__}"
-        live = [i for i, a in enumerate(answers) if a.ok]
-
-        # 1. doc ids: explicit ones, else one batched retrieval call
-        if mode != "none":
-            need = []
-            for i in live:
-                given = doc_ids[i] if doc_ids is not None else None
-                if given is None:
-                    need.append(i)
-                else:
-                    answers[i].doc_ids = [str(d) for d in given]
-            if need:
-                if self.retriever is None:
-                    raise PragError(f"mode {mode!r} needs an index (--index) or explicit doc_ids")
-                t0 = time.perf_counter()
-                hits = self.retriever.search([questions[i] for i in need], k, method=self.config.retrieval_method)
-                stats.retrieve_s = time.perf_counter() - t0
-                for i, h in zip(need, hits):
-                    answers[i].doc_ids = [d for d, _ in h]
-                    answers[i].scores = [float(s) for _, s in h]
-            for i in live:
-                if not answers[i].doc_ids:
-                    answers[i].error = "no documents retrieved for this question"
-            live = [i for i in live if answers[i].ok]
-
-        # 2. adapters: one job per distinct document set, started now, finished while we tokenise
-        futures: dict[CacheKey, Future] = {}
-        keys: dict[int, CacheKey] = {}
-        fallback_passages: dict[int, list[str]] = {}  # prag + fallback-rag: the adapter-less documents
-        if mode in ADAPTER_MODES:
-            version = self.store.version
-            policy = self.config.on_missing_adapter
-            if policy != "error":  # "error": the merge below raises MissingAdapterError for that question
-                unique = list(dict.fromkeys(d for i in live for d in answers[i].doc_ids))
-                absent = set(self.store.missing(unique))
-                for i in live:
-                    a = answers[i]
-                    a.missing_doc_ids = [d for d in a.doc_ids if d in absent]
-                    if a.missing_doc_ids:
-                        a.on_missing_adapter = policy
-                        if policy == "fallback-rag" and mode not in PASSAGE_MODES:
-                            fallback_passages[i] = a.missing_doc_ids
-            for i in live:
-                present = [d for d in answers[i].doc_ids if d not in answers[i].missing_doc_ids]
-                if not present:  # skip-doc / fallback-rag with no adapter at all: the base model answers
-                    continue
-                key = make_key(present, version)
-                if len(key[0]) * self.rank > self.max_lora_rank:
-                    answers[i].error = (f"{len(key[0])} documents x rank {self.rank} exceed the engine's "
-                                        f"max_lora_rank {self.max_lora_rank}")
-                    continue
-                keys[i] = key
-                if key not in futures:
-                    if key in self.cache:
-                        stats.adapters_reused += 1
-                    futures[key] = self._pool.submit(self._adapter, key)
-            live = [i for i in live if answers[i].ok]
-
-        request_ids: dict[str, int] = {}  # vLLM's (internal) request id -> question index
-        try:
-            # 3. passages and prompt token ids (main thread, overlapping the adapter jobs)
-            t0 = time.perf_counter()
-            passages = self._passages(answers, live) if mode in PASSAGE_MODES else \
-                self._passages(answers, list(fallback_passages), fallback_passages)
-            live = [i for i in live if answers[i].ok]
-            budget = self.max_model_len - max_new_tokens
-            for i in live:
-                try:
-                    built = build_prompt(self.tokenizer, questions[i], passages.get(i), self.prompt_cfg, budget)
-                except PragError as exc:
-                    answers[i].error = str(exc)
-                    continue
-                a = answers[i]
-                a.prompt_token_ids, a.prompt = built.ids, built.text
-                if built.truncation is not None:
-                    a.truncated, a.truncation = True, built.truncation
-            live = [i for i in live if answers[i].ok]
-            stats.prompt_s = time.perf_counter() - t0
-
-            # 4. each request goes into vLLM as soon as its adapter is ready, and the engine steps
-            #    while the other adapters are still being built, so generation overlaps preparation
-            #    (an in-process vLLM engine only runs when stepped)
-            from vllm import SamplingParams, TokensPrompt
-            from vllm.lora.request import LoRARequest
-
-            params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-            t_gen = time.perf_counter()
-
-            can_enqueue = hasattr(self.llm, "enqueue") and hasattr(getattr(self.llm, "llm_engine", None), "step")
-            deferred: list[tuple[int, LoRARequest | None]] = []  # vLLM without enqueue: one generate call
-            outputs: list = []
-
-            def submit(idx: list[int], lora: LoRARequest | None) -> None:
-                if not idx:
-                    return
-                if not can_enqueue:
-                    deferred.extend((i, lora) for i in idx)
-                    return
-                prompts = [TokensPrompt(prompt_token_ids=answers[i].prompt_token_ids) for i in idx]
-                ids = self.llm.enqueue(prompts, params, lora_request=lora, use_tqdm=False)
-                request_ids.update(zip(ids, idx))
-
-            def running() -> bool:
-                return can_enqueue and bool(request_ids) and self.llm.llm_engine.has_unfinished_requests()
-
-            def step() -> None:  # what vllm.LLM.wait_for_completion does, one step at a time
-                outputs.extend(out for out in self.llm.llm_engine.step() if out.finished)
-
-            if mode not in ADAPTER_MODES:
-                submit(live, None)
-            else:
-                by_key: dict[CacheKey, list[int]] = {}
-                for i in live:
-                    if i in keys:
-                        by_key.setdefault(keys[i], []).append(i)
-                submit([i for i in live if i not in keys], None)  # every document lacked an adapter
-                waiting = {futures[key]: key for key in by_key}
-                while waiting:
-                    done = [fut for fut in waiting if fut.done()]
-                    if not done:
-                        if running():
-                            step()
-                            continue
-                        t0 = time.perf_counter()
-                        done, _ = wait(list(waiting), return_when=FIRST_COMPLETED)
-                        stats.adapter_wait_s += time.perf_counter() - t0
-                    for fut in done:
-                        key = waiting.pop(fut)
-                        try:
-                            entry = fut.result()
-                        except PragError as exc:  # e.g. MissingAdapterError: those questions fail, run goes on
-                            for i in by_key[key]:
-                                answers[i].error = str(exc)
-                            continue
-                        lora = LoRARequest(entry.lora_name, entry.lora_int_id, entry.lora_path)
-                        for i in by_key[key]:
-                            answers[i].lora_name = entry.lora_name
-                        submit(by_key[key], lora)
-                stats.adapters_built = len(by_key) - stats.adapters_reused
-            if deferred:
-                outputs = self.llm.generate(
-                    [TokensPrompt(prompt_token_ids=answers[i].prompt_token_ids) for i, _ in deferred], params,
-                    lora_request=[lora for _, lora in deferred], use_tqdm=False)
-                request_ids.update((out.request_id, i) for out, (i, _) in zip(outputs, deferred))
-            while running():
-                step()
-            stats.generate_s = time.perf_counter() - t_gen
-        except BaseException:
-            if request_ids:  # do not leave our requests running inside the shared engine
-                self.llm.llm_engine.abort_request(list(request_ids), internal=True)
-            raise
-        finally:
-            # each successful adapter job pinned its entry once; release it (now, or when a job
-            # still running after an error finishes)
-            for key, fut in futures.items():
-                fut.cancel()
-                fut.add_done_callback(partial(_unpin_when_built, self.cache, key))
-
-        by_external = {_external_id(r): i for r, i in request_ids.items()}
-        for out in outputs:
-            i = request_ids.get(out.request_id, by_external.get(_external_id(out.request_id)))
-            if i is None:
-                continue
-            a, comp = answers[i], out.outputs[0]
-            a.text = comp.text
-            a.output_token_ids = list(comp.token_ids)
-            a.finish_reason = comp.finish_reason
-            a.prediction = extract_answer(comp.text, self.prompt_cfg.chain_of_thought)
-            stats.generated_tokens += len(comp.token_ids)
-            stats.prompt_tokens += len(a.prompt_token_ids)
-        for i in request_ids.values():
-            if answers[i].finish_reason is None and answers[i].ok:
-                answers[i].error = "vLLM returned no output for this request"
+        cache_before = (self.cache.stats.hits, self.cache.stats.misses)
+        live = [r for i, r in enumerate(requests) if i not in bad]
+        answers = iter(asyncio.run(self.answer_many(live, max_in_flight)))
+        out = [bad[i] if i in bad else next(answers) for i in range(len(requests))]
         stats.total_s = time.perf_counter() - t_start
+        for a in out:
+            stats.generated_tokens += len(a.output_token_ids)
+            stats.prompt_tokens += len(a.prompt_token_ids) if a.ok else 0
+            stats.adapter_wait_s += a.timings.get("adapter_wait_s", 0.0)
+        stats.generate_s = stats.total_s - stats.retrieve_s
+        keys = {a.lora_name for a in out if a.lora_name}
+        stats.adapters_built = self.cache.stats.misses - cache_before[1]
+        stats.adapters_reused = max(0, len(keys) - stats.adapters_built)
         stats.vllm_load_s = TIMERS.load_s - vllm_before.load_s
         stats.slot_fill_s = TIMERS.slot_fill_s - vllm_before.slot_fill_s
-        with self._timing_lock:  # adapter jobs cancelled after an error may still add a little
+        with self._timing_lock:
             for name, before in thread_before.items():
                 setattr(stats, name, self._thread_times[name] - before)
-        self.last_stats = stats
-        return answers
+        return out
+
+
+def _lora_limits(llm) -> tuple[int | None, int]:
+    """(max_lora_rank or None if LoRA is off, max_model_len) of a ``vllm.LLM`` or ``AsyncLLM``."""
+    vllm_config = llm.vllm_config if hasattr(llm, "vllm_config") else llm.llm_engine.vllm_config
+    lora = getattr(vllm_config, "lora_config", None)
+    return (lora.max_lora_rank if lora is not None else None), vllm_config.model_config.max_model_len

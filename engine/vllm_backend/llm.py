@@ -229,6 +229,17 @@ def make_llm(cfg: LLMConfig):
     return llm
 
 
+def async_engine_kwargs(cfg: LLMConfig) -> dict[str, Any]:
+    """``AsyncEngineArgs`` keywords for ``cfg`` (engine core in its own process, as AsyncLLM always runs it)."""
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("PRAG_CPU_LORA", "1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    kwargs = cfg.to_engine_kwargs(in_process=False)
+    kwargs.pop("distributed_executor_backend", None)
+    kwargs.setdefault("disable_log_stats", False)  # vLLM's own Prometheus metrics for the server
+    return kwargs
+
+
 def _dtypes_or_none(cfg: LLMConfig) -> tuple[str | None, str | None]:
     """(stored, predicted) dtypes for the cast note; (None, None) where they cannot be read (hub ids)."""
     try:
@@ -243,6 +254,9 @@ def shutdown_llm(llm) -> None:
     Left to garbage collection, vLLM shuts down after the interpreter has closed its streams and
     prints pages of logging errors; calling this while the program still runs keeps exits clean.
     """
+    from engine.vllm_backend.driver import close_driver
+
+    close_driver(llm)  # its stepping thread must stop before the engine it steps
     _IN_PROCESS_LLMS.discard(llm)
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
