@@ -39,7 +39,7 @@ from prag.io import atomic_write_json, atomic_write_text
 
 SHARED_NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle.jsonl.gz"
 
-# Llama-3.2-1B's shape (random weights): the GPU target of issue 3.
+# Llama-3.2-1B's shape (random weights): the encoder's GPU target shape.
 SHAPES = {
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,

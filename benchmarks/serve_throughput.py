@@ -52,7 +52,7 @@ def load_nq(n_questions: int, corpus_size: int) -> tuple[list[dict], list[dict]]
     from prag.io import iter_jsonl
 
     if not NQ_FILE.exists():
-        raise PragError(f"{NQ_FILE} not found: the serving benchmark needs ../shared/data (see DESIGN.md section 5)")
+        raise PragError(f"{NQ_FILE} not found: the serving benchmark reads its NQ-open questions from ../shared/data")
     questions, corpus, seen = [], [], {}
     for lineno, rec in iter_jsonl(NQ_FILE, "NQ oracle file"):
         if len(questions) >= max(n_questions, corpus_size):

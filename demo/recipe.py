@@ -6,7 +6,7 @@ so an interrupted demo resumes):
 1. fixture   build a local Llama-architecture model + tokenizer (``prag.fixture_model``)
 2. pretrain  short full-weight *format* pre-training on fictional documents disjoint from the
              demo's (``demo.pretrain``): a random tiny model cannot use rank-2 adapters
-3. data      copy the demo corpus and its questions (``engine/data``) into the output folder
+3. data      copy the demo corpus and its questions (``demo/data``) into the output folder
 4. index     dense index of the corpus (``retrieval.index.build_index``)
 5. augment   rule augmenter (``offline_encode.augment``)
 6. encode    one LoRA per document (``offline_encode.encode.encode_corpus``), with the demo's

@@ -1,11 +1,11 @@
-"""Concatenation merge of per-document LoRA adapters (DESIGN.md section 2); pure tensor code.
+"""Concatenation merge of per-document LoRA adapters (docs/method.md, section 3); pure tensor code.
 
 The sum of k low-rank deltas is itself low-rank:
 
     dW = sum_d (alpha_d / r_d) B_d A_d = [B_1 ... B_k] @ [(alpha_1/r_1) A_1; ...; (alpha_k/r_k) A_k]
 
 so the merged adapter has rank R = sum_d r_d and, with each document's scaling folded in,
-lora_alpha = R (scaling 1). DESIGN.md writes the scaling on B; the product is the same, and we fold
+lora_alpha = R (scaling 1). The scaling could sit on B instead; the product is the same, and we fold
 it into A because that is what PEFT's ``add_weighted_adapter(weights=[1]*k, combination_type="cat")``
 does: the tensors are then bit-identical to PEFT's, so the engine's greedy output can be compared
 token for token with the paper's PEFT inference even when alpha/r is not a power of two. Adapters use the project's key convention

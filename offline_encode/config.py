@@ -1,4 +1,4 @@
-"""Typed configuration for parametric encoding. Defaults are the paper's (DESIGN.md section 2).
+"""Typed configuration for parametric encoding. Defaults are the paper's (docs/method.md, section 2).
 
 Adapter tensors travel through the project as ``dict[str, Tensor]`` keyed by
 ``"{module_name}.lora_A"`` (shape ``[r, in]``) and ``"{module_name}.lora_B"`` (shape ``[out, r]``),

@@ -1,7 +1,7 @@
 """Read and write standard PEFT LoRA directories (``adapter_config.json`` + ``adapter_model.safetensors``).
 
 PEFT's own ``save_pretrained`` needs a live ``PeftModel`` and, for cat-merged adapters, wrote an
-empty file in our tests (DESIGN.md section 3); vLLM only loads adapters from a directory. So the
+empty file in our tests; vLLM only loads adapters from a directory. So the
 project writes the directory itself from raw tensors: it is what ``prag export-adapter`` produces
 and what the engine writes (to tmpfs) for every merged adapter, so it must be cheap.
 """

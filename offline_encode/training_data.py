@@ -1,4 +1,4 @@
-"""Augmented record -> the paper's training sequences for one document (DESIGN.md section 2).
+"""Augmented record -> the paper's training sequences for one document (docs/method.md, section 1).
 
 Recipe (PRAG's ``get_train_data``): the first ceil(n/2) QA pairs appear twice, once with the original
 passage and once with the (first) rewrite as context; the remaining QA pairs appear with no passage.

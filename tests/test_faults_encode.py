@@ -1,4 +1,4 @@
-"""Fault isolation on the encode path and at model loading (issue 13): a diverged document is never stored
+"""Fault isolation on the encode path and at model loading (README, Data safety): a diverged document is never stored
 and fails only itself; bad hyper-parameters, damaged models and damaged augmented files are named errors.
 
 Divergence is injected into the real model with a forward hook on its token embedding: every batch row

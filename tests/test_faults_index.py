@@ -78,7 +78,7 @@ def test_intact_index_verifies(built, capsys):
 
 
 def test_zeroed_faiss_bytes_fail_load_search_and_verify(index_copy, tmp_path, capsys):
-    _zero(index_copy / FAISS_FILE, 2000, 52000)  # the repro: recall@1 0.98 -> 0.44, exit 0
+    _zero(index_copy / FAISS_FILE, 2000, 52000)  # the damage that motivated the check: recall@1 0.98 -> 0.44, exit 0
     with pytest.raises(PragError, match=r"index file .*idx/index\.faiss is corrupted .*rebuild it with 'prag index build'"):
         Retriever.load(index_copy)
     queries = write_jsonl(tmp_path / "q.jsonl", [{"id": f"q{i}", "question": q}

@@ -1,4 +1,4 @@
-"""A run records everything that changes its answers, and can be repeated exactly (issue 13, section 4).
+"""A run records everything that changes its answers, and can be repeated exactly (README, Data safety).
 
 Real vLLM throughout: the session's ``shared_llm`` (float32) for the library route, and one CLI run of
 ``prag eval --config`` that starts its own engine.

@@ -1,4 +1,4 @@
-"""Adapter-store damage is detected on read and fails only what it touches (issue 13).
+"""Adapter-store damage is detected on read and fails only what it touches (README, Data safety).
 
 Damage is made the way it happens: bytes overwritten inside one row, NaN in a row (with and without a
 matching checksum, i.e. disk damage vs. an encode that diverged), a shard file deleted, resized or

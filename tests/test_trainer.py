@@ -1,4 +1,4 @@
-"""The batched multi-document trainer against the paper's per-document PEFT loop (issue 3).
+"""The batched multi-document trainer against the paper's per-document PEFT loop (docs/method.md, section 5).
 
 Tolerance of the equivalence test: fp32 on CPU, ``atol=1e-5, rtol=1e-4`` on every A and B after
 up to 12 AdamW steps at lr 3e-3 (the largest difference seen here is 1.4e-6). The two paths differ only in

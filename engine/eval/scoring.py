@@ -1,4 +1,4 @@
-"""Answer extraction and EM/F1 scoring, following the paper's evaluation code (DESIGN.md section 2).
+"""Answer extraction and EM/F1 scoring, following the paper's evaluation code (docs/method.md, section 4).
 
 * Extraction: with chain of thought, keep the text after the first "the answer is"
   (case-insensitive; the paper matches lower case only, which this includes); then cut at the

@@ -1,4 +1,4 @@
-"""Augmentation: per document, rewrite(s) + QA pairs, as resumable JSONL (issue 3, section 1).
+"""Augmentation: per document, rewrite(s) + QA pairs, as resumable JSONL (docs/method.md, section 1).
 
 ``augment_corpus(corpus, out, RuleAugmenter(cfg) | LLMAugmenter(cfg, llm=None))`` is the entry
 point; ``augment_documents(docs)`` on either augmenter is the per-batch unit a Ray job can shard.
