@@ -15,7 +15,7 @@ What is measured, and how (nothing below is typed in by hand except the cited H2
   (the marginal bytes per passage is what scales to 21M).
 - embedding rate: from that JSON, else all-MiniLM-L6-v2 timed on this machine's CPU. No GPU was available.
 - encode rate: 0.18 s/document, the batched prototype on an H200 (1B shape, bf16), measured on
-  2026-11-28 with the GPU script (``../shared/DESIGN.md`` section 3). The 8B encode rate was not measured.
+  2026-11-28 with the GPU script. The 8B encode rate was not measured.
 - serving: per-replica questions/s from ``benchmarks/serve_throughput.py``'s JSON (``--serve-json``), else
   the README's last measured figures (2-core CPU, ``small`` fixture model): CPU fixture figures, not GPUs.
 
@@ -51,7 +51,7 @@ MODELS: dict[str, dict] = {
 
 ENCODE_MEASURED = {"seconds_per_doc": 0.18, "model": "llama-1b", "device": "H200",
                    "source": "batched prototype (32 documents per step, bf16), Llama-3.2-1B shape, H200, measured "
-                             "2026-11-28 with the GPU script (../shared/DESIGN.md section 3)"}
+                             "2026-11-28 with the GPU script"}
 SERVE_README = {"source": "README (benchmarks/serve_throughput.py, 2-core CPU, small fixture model, 96 NQ questions, "
                           "k=3, 20 tokens, bf16, 2026-12-02)",
                 "prag_cold_qps": 36.05, "prag_warm_qps": 43.02, "none_qps": 47.47, "cpus": 2, "size": "small"}
