@@ -146,7 +146,19 @@ def _eval(args: argparse.Namespace) -> int:
     check_top_k(cfg.engine.top_k)
     if cfg.limit is not None and cfg.limit <= 0:
         raise PragError(f"--limit must be positive, got {cfg.limit}")
-    results = evaluate(cfg)
+    ray_flags = (args.num_engines, args.gpus_per_engine, args.cpus_per_engine, args.ray_num_cpus)
+    if args.ray_address is None and any(f is not None for f in ray_flags):
+        raise PragError("--num-engines, --gpus-per-engine, --cpus-per-engine and --ray-num-cpus need --ray-address")
+    if args.ray_address is not None:
+        from engine.cluster.eval import RayEvalConfig, evaluate_on_ray
+
+        rc = RayEvalConfig(address=args.ray_address, num_engines=args.num_engines,
+                           gpus_per_engine=args.gpus_per_engine, cpus_per_engine=args.cpus_per_engine or 1.0,
+                           num_cpus=args.ray_num_cpus)
+        rc.check()
+        results = evaluate_on_ray(cfg, rc)
+    else:
+        results = evaluate(cfg)
     print(results_markdown(results))
     print(f"wrote {args.out}/results.json, results.md and predictions.jsonl")
     return 0
@@ -169,6 +181,15 @@ def register(sub) -> None:
                    "is resumed (rerun the same command); any other folder is refused")
     p.add_argument("--limit", type=int, help="evaluate only the first N questions (the paper's --sample)")
     p.add_argument("--batch-size", type=int, default=256, help="questions per engine call / checkpoint (256)")
+    p.add_argument("--ray-address", metavar="ADDR", help="shard the questions over engine actors on Ray: a cluster "
+                   "address (host:port or ray://host:port), 'auto' (this machine's cluster, e.g. under `ray job "
+                   "submit`) or 'local' (start one here); outputs are the single-process run's")
+    p.add_argument("--num-engines", type=int, help="engine actors (default: one per GPU, or per --cpus-per-engine "
+                   "CPUs, of the cluster as it is now)")
+    p.add_argument("--gpus-per-engine", type=float, help="GPUs per engine (default 1 on a cluster with GPUs, else "
+                   "0); a whole number > 1 also sets vLLM's tensor_parallel_size")
+    p.add_argument("--cpus-per-engine", type=float, help="CPUs per engine (default 1)")
+    p.add_argument("--ray-num-cpus", type=int, help="with --ray-address local: CPUs of the local cluster")
     add_engine_flags(p)
     p.set_defaults(func=_eval)
     # remember the real defaults, then mark the recorded-run flags unset (see _given_flags)
