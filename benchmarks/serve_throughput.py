@@ -94,7 +94,7 @@ def _run_mode(engine, questions: list[str], mode: str, doc_ids, cold: bool) -> d
         engine.cache.clear(forget_identities=True)
     # repeats send the same prompts again: without this, vLLM's prefix cache would skip their prefill
     # (rag went 2-4x faster from the second repeat on). "warm cache" means warm adapters, not warm KV.
-    if not engine.llm.reset_prefix_cache():
+    if not engine.reset_prefix_cache():
         raise RuntimeError("vLLM did not reset its prefix cache")
     t0 = time.perf_counter()
     answers = engine.generate(questions, mode=mode, doc_ids=doc_ids if mode != "none" else None)
@@ -285,8 +285,17 @@ def run(args: argparse.Namespace) -> dict:
         except PragError as exc:
             print(f"no {other_way} hand-over to compare with: {exc}", flush=True)
     other_name = f"prag ({other.handover} hand-over)" if other is not None else None
+    # the same questions through vLLM's AsyncLLM (engine core in its own process, dir hand-over), timed in
+    # the same repeats: is the in-process driver still the faster one for batch work on this machine?
+    async_engine = None
+    if args.compare_driver:
+        import dataclasses
+
+        async_engine = Engine(model, store=store, documents=docs,
+                              config=dataclasses.replace(cfg, driver="async", adapter_handover="auto"))
+    async_names = ["none (AsyncLLM driver)", "prag (AsyncLLM driver)"] if async_engine is not None else []
     names = ["none", "rag", "prag", "combine", "prag (warm cache)"] + ([other_name] if other else []) \
-        + (["reference (PEFT, batch 1)"] if ref else [])
+        + async_names + (["reference (PEFT, batch 1)"] if ref else [])
     runs: dict[str, list[dict]] = {name: [] for name in names}
     verify_off: list[dict] = []  # cold prag with the store's row checks off, right after the checked run
     try:
@@ -295,6 +304,9 @@ def run(args: argparse.Namespace) -> dict:
             _run_mode(engine, wq, mode, wd, cold=True)
         if other is not None:
             _run_mode(other, wq, "prag", wd, cold=True)
+        if async_engine is not None:
+            for mode in ("none", "prag"):
+                _run_mode(async_engine, wq, mode, wd, cold=True)
         # every repeat times all modes and the reference loop back to back, so each ratio compares runs
         # made under the same machine conditions (this host's speed drifts by ~1.5x over an hour)
         for rep in range(args.repeats):
@@ -312,6 +324,9 @@ def run(args: argparse.Namespace) -> dict:
             this["prag (warm cache)"] = _run_mode(engine, tq, "prag", td, cold=False)
             if other is not None:
                 this[other_name] = _run_mode(other, tq, "prag", td, cold=True)
+            if async_engine is not None:
+                for mode, name in zip(("none", "prag"), async_names):
+                    this[name] = _run_mode(async_engine, tq, mode, td, cold=True)
             for name, row in this.items():
                 runs[name].append(row)
             print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
@@ -319,6 +334,8 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if other is not None:
             other.close()
+        if async_engine is not None:
+            async_engine.close()
         engine.close()
         if ref is not None:
             ref.close()
@@ -331,6 +348,9 @@ def run(args: argparse.Namespace) -> dict:
                 row[label] = statistics.median(paired)
                 if name == "prag" or (label == "vs_none" and name.startswith("prag")):
                     ratio_runs[f"{name}_{label}".replace(" ", "_")] = paired
+    for mode, name in zip(("none", "prag"), async_names):  # in-process driver vs AsyncLLM, same repeats
+        ratio_runs[f"{mode}_llm_driver_vs_asyncllm_driver"] = [
+            a["questions_per_s"] / b["questions_per_s"] for a, b in zip(runs[mode], runs[name])]
     if verify_off:  # what checking every adapter row read costs (checksum + finite values)
         ratio_runs["prag_rows_checked_vs_unchecked"] = [
             a["questions_per_s"] / b["questions_per_s"] for a, b in zip(runs["prag"], verify_off)]
@@ -405,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory (default auto: memory where vLLM's worker is in this process)")
     p.add_argument("--compare-handover", action=argparse.BooleanOptionalAction, default=True,
                    help="also time cold prag with the other hand-over on the same vLLM engine (default on)")
+    p.add_argument("--compare-driver", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time none and cold prag through vLLM's AsyncLLM (engine core in its own process) "
+                        "beside the in-process driver, in the same repeats (default on)")
     return p
 
 

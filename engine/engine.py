@@ -485,6 +485,10 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop vLLM's cached KV (benchmarks: a repeat must not reuse the previous repeat's prefill)."""
+        return self.driver.reset_prefix_cache()
+
     @property
     def in_flight(self) -> int:
         """Questions inside :meth:`stream` right now (retrieving, merging or decoding)."""

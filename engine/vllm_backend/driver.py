@@ -93,6 +93,19 @@ class LLMDriver:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
+    def call(self, fn, *args) -> Any:
+        """Run ``fn(*args)`` on the driver thread between two steps (vLLM's engine is single-threaded)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self._send(("call", fn, args, fut))
+        return fut.result()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.call(self.llm.reset_prefix_cache)
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -130,6 +143,12 @@ class LLMDriver:
                         stream.push(exc)
                         continue
                     self._streams[rid] = stream
+                elif cmd[0] == "call":
+                    _, fn, args, fut = cmd
+                    try:
+                        fut.set_result(fn(*args))
+                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                        fut.set_exception(exc)
                 else:
                     stream = self._streams.pop(cmd[1], None)
                     if stream is not None:
@@ -219,6 +238,9 @@ class AsyncLLMDriver:
 
     def abort(self, request_id: str) -> None:
         asyncio.run_coroutine_threadsafe(self.llm.abort(request_id), self._loop)
+
+    def reset_prefix_cache(self) -> bool:
+        return asyncio.run_coroutine_threadsafe(self.llm.reset_prefix_cache(), self._loop).result()
 
     def close(self) -> None:
         if self._loop.is_closed():
