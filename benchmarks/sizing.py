@@ -237,9 +237,11 @@ def measure_index(data: Path, workdir: Path, limit: int | None) -> dict:
     base = Embedder()
     base.encode(["warm up"])
     cached = CachedEmbedder(base)
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     cached.encode([passage_text(d.get("title", ""), d["text"]) for d in docs])
     embed_s = time.perf_counter() - t0
+    load = max(load, os.getloadavg()[0])  # other work on the host slows the CPU rate: say how much there was
     corpora = {}
     for label, part in (("full", docs), ("half", half)):
         corpora[label] = workdir / f"corpus-{label}.jsonl"
@@ -274,7 +276,7 @@ def measure_index(data: Path, workdir: Path, limit: int | None) -> dict:
             "docstore_bytes_per_passage": docstore["full"] / len(docs),
             "docstore_marginal_bytes_per_passage": marginal(docstore),
             "embedding": {"passages_per_s": len(docs) / embed_s, "device": base.device, "cpus": os.cpu_count(),
-                          "model": base.name, "dim": base.dim}}
+                          "model": base.name, "dim": base.dim, "load_average_1min": round(load, 2)}}
 
 
 def index_plan(index: dict, passages: int) -> dict:
@@ -305,7 +307,7 @@ def gpu_hours(passages: int, index: dict | None) -> dict:
     if index is not None:
         e = index["embedding"]
         out["embed"] = {"measured_passages_per_s": e["passages_per_s"], "device": e["device"], "cpus": e["cpus"],
-                        "source": index["source"],
+                        "source": index["source"], "load_average_1min": e.get("load_average_1min"),
                         "machine_hours": passages / e["passages_per_s"] / 3600,
                         "gpu": "not measured (no GPU in this session)"}
     return out
@@ -399,8 +401,9 @@ def markdown(res: dict) -> str:
               f"{e['paper_dataset_minutes']:.1f} minutes. 8B: not measured."]
     if "embed" in g:
         m = g["embed"]
+        load = f", load average {m['load_average_1min']}" if m.get("load_average_1min") is not None else ""
         lines.append(f"- embed (all-MiniLM-L6-v2): {m['measured_passages_per_s']:,.1f} passages/s on "
-                     f"{m['device']} ({m['cpus']} cores) -> {m['machine_hours']:,.0f} hours of such a machine; "
+                     f"{m['device']} ({m['cpus']} cores{load}) -> {m['machine_hours']:,.0f} hours of such a machine; "
                      f"GPU rate {m['gpu']}.")
     s = res["serve"]
     lines += ["", f"Serving ({s['source']}; **CPU fixture figures**: per-replica rates for a real model on a GPU "
