@@ -48,9 +48,13 @@ PRIVATE_SYMBOLS: tuple[PrivateSymbol, ...] = (
                   "validate_cluster_config (tests/test_ray_cluster_file.py)",
                   "`ray up` step 2: ray-schema.json plus Ray's cross-field checks (head_node_type, "
                   "min_workers against max_workers)", params=("config",)),
+    PrivateSymbol("ray.autoscaler._private.commands", "create_or_update_cluster",
+                  "contract test only (tests/test_ray_cluster_file.py)",
+                  "what `ray up` runs; the contract test reads that it still goes through _bootstrap_config",
+                  params=("config_file", "no_config_cache")),
     PrivateSymbol("ray.autoscaler._private.commands", "_bootstrap_config",
                   "contract test only (tests/test_ray_cluster_file.py)",
-                  "the function `ray up` runs: the contract test reads that it still calls prepare_config, "
+                  "where `ray up` checks the file: the contract test reads that it still calls prepare_config, "
                   "then validate_config (between them it asks the cloud for instance resources, which we skip)",
                   params=("config",)),
 )
