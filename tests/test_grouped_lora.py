@@ -130,24 +130,27 @@ def test_bf16_close_to_float64():
     torch.testing.assert_close(y.double(), want_expand, atol=1.0, rtol=0.03)
 
 
-def test_plugin_routes_the_cpu_platform_only_when_enabled(monkeypatch):
+def test_vllm_chose_our_platform_and_it_routes_to_our_wrapper_only_when_enabled(monkeypatch):
+    """vLLM resolved its platform through our ``vllm.platform_plugins`` entry point (no class patch); the
+    platform answers our punica wrapper only while PRAG_CPU_LORA=1, else vLLM's own."""
+    import importlib
+
     from vllm.platforms import current_platform
+    from vllm.platforms.cpu import CpuPlatform
 
     from engine.vllm_backend import plugin as vllm_plugin
+    from engine.vllm_backend.cpu_platform import PragCpuPlatform
 
-    cls = type(current_platform)
-    monkeypatch.setattr(cls, "get_punica_wrapper", cls.get_punica_wrapper)  # restored after the test
-    before = current_platform.get_punica_wrapper()
+    assert type(current_platform) is PragCpuPlatform
+    assert CpuPlatform.get_punica_wrapper() == "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"  # unpatched
     monkeypatch.setenv(vllm_plugin.ENV_FLAG, "0")
-    vllm_plugin.register()
-    assert current_platform.get_punica_wrapper() == before
+    assert current_platform.get_punica_wrapper() == CpuPlatform.get_punica_wrapper()
     monkeypatch.setenv(vllm_plugin.ENV_FLAG, "1")
-    vllm_plugin.register()
     assert current_platform.get_punica_wrapper() == vllm_plugin.WRAPPER_QUALNAME
-    from vllm.utils.import_utils import resolve_obj_by_qualname
-
-    wrapper = resolve_obj_by_qualname(vllm_plugin.WRAPPER_QUALNAME)
-    assert wrapper.__name__ == "GroupedPunicaWrapperCPU"
+    module, _, name = vllm_plugin.WRAPPER_QUALNAME.rpartition(".")
+    assert getattr(importlib.import_module(module), name).__name__ == "GroupedPunicaWrapperCPU"
+    assert vllm_plugin.detect_platform() == vllm_plugin.PLATFORM_QUALNAME == (
+        f"{PragCpuPlatform.__module__}.{PragCpuPlatform.__qualname__}")
 
 
 def test_fast_adapter_lookup_lists_the_same_adapters_as_vllm(monkeypatch):
@@ -177,21 +180,23 @@ def test_fast_adapter_lookup_lists_the_same_adapters_as_vllm(monkeypatch):
     assert 21 in got and 11 not in got and stale == {4, 7, 20}
 
 
-def test_plugin_is_registered_as_a_vllm_entry_point():
+def test_plugin_is_registered_as_vllm_entry_points():
     from importlib.metadata import entry_points
 
     values = {ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert "engine.vllm_backend.plugin:register" in values
+    values = {ep.value for ep in entry_points(group="vllm.platform_plugins")}
+    assert "engine.vllm_backend.plugin:detect_platform" in values
 
 
 def test_the_shared_engine_runs_our_lora_ops_on_ffn_modules_only(shared_llm):
     """The test session's vLLM engine (the one the prag/combine token-identity tests use) is built by
     ``make_llm``: in-process on a CPU, our punica wrapper with the native kernel, LoRA layers only where
     adapters can be."""
+    from engine.vllm_backend import compat
     from engine.vllm_backend.cpu_lora import GroupedPunicaWrapperCPU
 
-    manager = (shared_llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
-               .model_runner.lora_manager._adapter_manager)
+    manager = compat.worker_lora_manager(shared_llm)._adapter_manager
     wrappers = set(map(type, manager.punica_wrapper_mapping.values()))
     assert wrappers == {GroupedPunicaWrapperCPU}
     # and the fused C kernel behind it, so the token-identity tests against PEFT run on that kernel
