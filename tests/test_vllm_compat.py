@@ -179,15 +179,24 @@ def test_a_changed_symbol_switches_the_plugin_off_and_names_it(plugin_warnings, 
     assert "not in this process" in compat.memory_handover_problem(object())
 
 
-def test_a_platform_vllm_chose_over_ours_is_reported(plugin_warnings, monkeypatch):
+@pytest.mark.parametrize("cause, said", [
+    ("target", "VLLM_TARGET_DEVICE=cpu makes vLLM skip platform plugins"),
+    ("not installed", "entry point is not installed (run `make install`)"),
+    ("other", "vLLM chose the platform CpuPlatform"),
+])
+def test_a_platform_vllm_chose_over_ours_is_reported(plugin_warnings, monkeypatch, cause, said):
     from vllm.platforms.cpu import CpuPlatform
 
     monkeypatch.setattr("vllm.platforms.cpu_platform_plugin", lambda: "vllm.platforms.zen_cpu.ZenCpuPlatform")
     assert vllm_plugin.detect_platform() is None  # AMD Zen with zentorch: vLLM's Zen platform stays
-    monkeypatch.setattr("vllm.platforms._current_platform", CpuPlatform())  # e.g. VLLM_TARGET_DEVICE=cpu
-    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    monkeypatch.setattr("vllm.platforms._current_platform", CpuPlatform())  # what vLLM resolved instead
+    monkeypatch.delenv("VLLM_TARGET_DEVICE", raising=False)
+    if cause == "target":
+        monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    elif cause == "not installed":
+        monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [])
     assert not vllm_plugin.active()
-    assert len(plugin_warnings) == 1 and "VLLM_TARGET_DEVICE=cpu" in plugin_warnings[0].getMessage()
+    assert len(plugin_warnings) == 1 and said in plugin_warnings[0].getMessage()
 
 
 def test_plugin_off_by_flag_is_silent(plugin_warnings, monkeypatch):

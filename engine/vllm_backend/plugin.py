@@ -81,6 +81,10 @@ def active() -> bool:
 
 
 def _why_not_our_platform(chosen: str) -> str:
+    from importlib.metadata import entry_points
+
+    if not any(ep.value == f"{__name__}:detect_platform" for ep in entry_points(group="vllm.platform_plugins")):
+        return "its vllm.platform_plugins entry point is not installed (run `make install`)"
     if os.environ.get("VLLM_TARGET_DEVICE", "").lower() == "cpu":
         return "VLLM_TARGET_DEVICE=cpu makes vLLM skip platform plugins (unset it to use ours)"
     return f"vLLM chose the platform {chosen} (VLLM_PLUGINS, another platform plugin, or zentorch on AMD Zen)"
