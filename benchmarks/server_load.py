@@ -1,0 +1,281 @@
+"""HTTP load: ``prag serve`` on loopback under the official ``openai`` async client, against the offline batch.
+
+Setup: the serving benchmark's (small fixture model, NQ gold passages as the corpus, a random
+adapter store, k=3, 20 new tokens, greedy). The server runs as users run it (``prag serve`` in its own
+process, retrieval inside it). Every measurement uses questions no earlier one used, so each starts
+with a cold merged-adapter cache and no reusable KV, as the offline number does.
+
+For ``prag`` and ``rag``, at concurrency 1, 8, 32 and 128 (``--levels``): questions/s, p50/p99
+latency of non-streamed requests, and p50 time to first token with ``stream=True``. The offline batch
+(``Engine.generate``, same settings, same question slice as the top level) runs in this process
+before the server starts and again after it stops; its mean is the baseline.
+
+Continuous batching: ``--long`` requests of 120 tokens start decoding, then a 2-token request is
+sent; its latency over the long requests' wall time should be small (it joins the running batch).
+
+Writes ``results.json``, ``results.md`` and ``load.png`` to ``--out``.
+
+    python -m benchmarks.server_load --out bench-output/server_load
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.serve_throughput import _env, _prepare, default_dtype, load_nq
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "bench-key"
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def _site(args, work: Path, n_questions: int) -> tuple[dict, list[dict]]:
+    from tests.helpers.random_store import build_random_store
+
+    questions, corpus = load_nq(n_questions, max(args.corpus_size, n_questions))
+    model, index = _prepare(work, args.size, corpus)
+    store_dir, stamp = work / f"store-{args.size}-all", work / f"store-{args.size}-all.stamp"
+    want = f"{len(corpus)}:{corpus[-1]['id']}"
+    if not stamp.exists() or stamp.read_text() != want:  # one adapter per corpus document, built once
+        import shutil
+
+        shutil.rmtree(store_dir, ignore_errors=True)
+        build_random_store(store_dir, model, [d["id"] for d in corpus]).close()
+        stamp.write_text(want)
+    return {"model": model, "index": index, "store": store_dir}, questions
+
+
+def _engine_config(args):
+    from engine.engine import EngineConfig
+
+    return EngineConfig(top_k=args.top_k, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                        max_model_len=args.max_model_len, max_loras=args.max_loras)
+
+
+def _offline(site: dict, questions: list[str], mode: str, args) -> float:
+    """questions/s of one cold batch through Engine.generate (retrieval included, as the server does it)."""
+    from engine.engine import Engine
+
+    with Engine(site["model"], index=site["index"], store=site["store"], config=_engine_config(args)) as eng:
+        eng.generate(questions[:4], mode=mode)  # warm-up: kernels, embedder
+        eng.cache.clear(forget_identities=True)
+        eng.reset_prefix_cache()
+        t0 = time.perf_counter()
+        answers = eng.generate(questions, mode=mode)
+        secs = time.perf_counter() - t0
+    bad = [a.error for a in answers if not a.ok]
+    if bad:
+        raise RuntimeError(f"offline {mode}: {len(bad)} failed, e.g. {bad[0]}")
+    return len(questions) / secs
+
+
+def _start_server(site: dict, args, port: int, log: Path) -> subprocess.Popen:
+    import httpx
+
+    cmd = [sys.executable, "-m", "prag.cli", "serve", "--model", str(site["model"]), "--index", str(site["index"]),
+           "--store", str(site["store"]), "--port", str(port), "--served-model-name", "bench",
+           "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--max-loras", str(args.max_loras),
+           "--top-k", str(args.top_k), "--max-new-tokens", str(args.max_new_tokens), "--max-in-flight", "1024"]
+    env = dict(os.environ, PRAG_API_KEY=API_KEY)
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prag serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"prag serve did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+async def _level(client, questions: list[str], mode: str, concurrency: int, stream: bool,
+                 max_tokens: int | None = None) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    ttfts: list[float] = []
+
+    async def one(q: str) -> None:
+        async with gate:
+            kw = dict(model="bench", messages=[{"role": "user", "content": q}], extra_body={"prag": {"mode": mode}})
+            if max_tokens is not None:
+                kw["max_tokens"] = max_tokens
+            t0 = time.perf_counter()
+            if stream:
+                first = None
+                async for chunk in await client.chat.completions.create(stream=True, **kw):
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter() - t0
+                ttfts.append(first if first is not None else time.perf_counter() - t0)
+            else:
+                await client.chat.completions.create(**kw)
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(q) for q in questions))
+    secs = time.perf_counter() - t0
+    row = {"mode": mode, "concurrency": concurrency, "stream": stream, "requests": len(questions),
+           "questions_per_s": len(questions) / secs, "p50_s": _percentile(latencies, 0.5),
+           "p99_s": _percentile(latencies, 0.99)}
+    if stream:
+        row["ttft_p50_s"] = _percentile(ttfts, 0.5)
+    return row
+
+
+async def _continuous_batching(client, questions: list[str], n_long: int) -> dict:
+    """A 2-token request sent while ``n_long`` 120-token requests decode: its latency / their wall time."""
+    done_long: list[float] = []
+    started = asyncio.Event()
+    t0 = time.perf_counter()
+
+    async def long(q: str) -> None:
+        async for chunk in await client.chat.completions.create(
+                model="bench", messages=[{"role": "user", "content": q}], max_tokens=120, stream=True,
+                extra_body={"prag": {"mode": "none"}}):
+            if chunk.choices and chunk.choices[0].delta.content:
+                started.set()
+        done_long.append(time.perf_counter() - t0)
+
+    tasks = [asyncio.create_task(long(q)) for q in questions[:n_long]]
+    await started.wait()
+    await asyncio.sleep(0.2)  # the long ones are decoding now
+    t_short = time.perf_counter()
+    await client.chat.completions.create(model="bench", messages=[{"role": "user", "content": questions[n_long]}],
+                                         max_tokens=2, extra_body={"prag": {"mode": "none"}})
+    short_s = time.perf_counter() - t_short
+    await asyncio.gather(*tasks)
+    wall = max(done_long)
+    return {"long_requests": n_long, "long_wall_s": wall, "short_latency_s": short_s, "ratio": short_s / wall}
+
+
+def _chart(rows: list[dict], offline: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, color in (("prag", "#e07b39"), ("rag", "#4a90d9")):
+        pts = [r for r in rows if r["mode"] == mode and not r["stream"]]
+        ax.plot([r["concurrency"] for r in pts], [r["questions_per_s"] for r in pts], "o-", color=color,
+                label=f"{mode} over HTTP")
+        ax.axhline(offline[mode], color=color, ls="--", lw=1, label=f"{mode} offline batch")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("questions / s")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (results.json, results.md, load.png)")
+    p.add_argument("--size", choices=["tiny", "small"], default="small")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=default_dtype())
+    p.add_argument("--levels", default="1,8,32,128", help="client concurrency levels (default 1,8,32,128)")
+    p.add_argument("--n", type=int, default=128, help="requests per level at the top level (default 128)")
+    p.add_argument("--low-n", type=int, default=32, help="requests per level below 32 clients (default 32)")
+    p.add_argument("--modes", default="prag,rag")
+    p.add_argument("--long", type=int, default=32, help="long requests in the continuous-batching check")
+    p.add_argument("--corpus-size", type=int, default=1200)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-loras", type=int, default=96)
+    p.add_argument("--work", help="cache folder for the model/index/store (default OUT/work)")
+    args = p.parse_args(argv)
+    _env()
+    from prag.io import atomic_write_json, atomic_write_text
+    from tests.helpers.server import free_port
+
+    levels = [int(x) for x in args.levels.split(",")]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    per_level = {c: (args.n if c >= 32 else args.low_n) for c in levels}
+    # every measurement gets its own questions: (modes x levels x {plain, stream}) + offline + the batching check
+    need = sum(per_level.values()) * 2 * len(modes) + args.n * len(modes) + args.long + 1
+    site, records = _site(args, work, need)
+    pool = iter([r["question"] for r in records])
+
+    def take(n: int) -> list[str]:
+        return [next(pool) for _ in range(n)]
+
+    offline_qs = {m: take(args.n) for m in modes}
+    offline_runs = {m: [_offline(site, offline_qs[m], m, args)] for m in modes}
+    port = free_port()
+    proc = _start_server(site, args, port, out / "server.log")
+    rows: list[dict] = []
+    try:
+        import openai
+
+        async def drive() -> dict:
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0,
+                                        timeout=600)
+            await _level(client, take(8), "prag", 8, False)  # warm-up
+            for mode in modes:
+                for c in levels:
+                    rows.append(await _level(client, take(per_level[c]), mode, c, stream=False))
+                    rows.append(await _level(client, take(per_level[c]), mode, c, stream=True))
+                    print(f"{mode} c={c}: {rows[-2]['questions_per_s']:.1f} q/s, p50 {rows[-2]['p50_s']:.3f} s, "
+                          f"ttft p50 {rows[-1]['ttft_p50_s']:.3f} s", flush=True)
+            return await _continuous_batching(client, take(args.long + 1), args.long)
+
+        batching = asyncio.run(drive())
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    for m in modes:  # again after the server: the baseline brackets the HTTP runs
+        offline_runs[m].append(_offline(site, take(args.n), m, args))
+    offline = {m: statistics.mean(v) for m, v in offline_runs.items()}
+    top = max(levels)
+    ratios = {m: next(r["questions_per_s"] for r in rows if r["mode"] == m and r["concurrency"] == top
+                      and not r["stream"]) / offline[m] for m in modes}
+    result = {"meta": {"size": args.size, "dtype": args.dtype, "top_k": args.top_k,
+                       "max_new_tokens": args.max_new_tokens, "levels": levels, "requests_per_level": per_level,
+                       "cpus": os.cpu_count()},
+              "offline_questions_per_s": offline, "offline_runs": offline_runs, "rows": rows,
+              f"http_c{top}_vs_offline": ratios, "continuous_batching": batching}
+    md = (f"HTTP load, {args.size} fixture, {args.dtype}, k={args.top_k}, {args.max_new_tokens} tokens, "
+          f"{os.cpu_count()} CPU cores shared by server and client; every row uses fresh questions (cold "
+          f"adapter cache).\n\n| mode | clients | questions/s | p50 latency (s) | p99 latency (s) | "
+          f"p50 TTFT, streamed (s) |\n|---|---|---|---|---|---|\n")
+    for m in modes:
+        for c in levels:
+            plain = next(r for r in rows if r["mode"] == m and r["concurrency"] == c and not r["stream"])
+            st = next(r for r in rows if r["mode"] == m and r["concurrency"] == c and r["stream"])
+            md += (f"| {m} | {c} | {plain['questions_per_s']:.1f} | {plain['p50_s']:.3f} | {plain['p99_s']:.3f} | "
+                   f"{st['ttft_p50_s']:.3f} |\n")
+    md += "\n" + ", ".join(f"{m}: offline batch {offline[m]:.1f} q/s (runs {', '.join(f'{v:.1f}' for v in offline_runs[m])}), "
+                           f"HTTP at {top} clients / offline = {ratios[m]:.2f}x" for m in modes) + "\n"
+    md += (f"\nContinuous batching: a 2-token request sent while {batching['long_requests']} requests of up to 120 "
+           f"tokens decode took {batching['short_latency_s']:.3f} s, {batching['ratio']:.3f}x of their "
+           f"{batching['long_wall_s']:.2f} s wall time.\n")
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "results.md", md)
+    _chart(rows, offline, out / "load.png")
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
