@@ -19,9 +19,10 @@ torn last line from a crash is dropped). Settings that change answers (model, st
 prompt, dtype, ...) must match config.json, otherwise the run stops and asks for a new ``--out``;
 that check runs before vLLM starts (on the predicted identity) and again once it runs.
 
-Scale-out: ``answer_shard`` is a pure function from (engine, examples, mode) to records, with no
-file I/O, so a Ray job can give each engine replica a shard and merge the records afterwards
-with ``summarize``.
+Scale-out: ``answer_batch`` (records + token counts of one batch, no file I/O) is the one function
+every engine runs, in this process or in a Ray actor; ``run_evaluation`` is the one loop that writes
+config.json, predictions, timing and results, over an ``Answerer``: ``LocalAnswerer`` (one in-process
+Engine) or ``engine.cluster.eval.EnginePool`` (N engine actors on Ray, ``prag eval --ray-address``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from engine.eval.datasets import Example, load_dataset, resolve_dataset_name
 from engine.engine import ADAPTER_MODES, Answer, Engine, EngineConfig, parse_modes
@@ -102,6 +103,22 @@ def answer_shard(engine: Engine, examples: Sequence[Example], mode: str, top_k: 
     """Answer and score one shard of questions in one engine call (pure: no files touched)."""
     answers = engine.generate([ex["question"] for ex in examples], mode=mode, top_k=top_k, doc_ids=doc_ids)
     return [make_record(ex, a) for ex, a in zip(examples, answers)]
+
+
+@dataclass
+class BatchResult:
+    """One answered batch: its prediction records (input order) and its token counts (timing.json)."""
+
+    records: list[dict]
+    generated_tokens: int
+    prompt_tokens: int
+
+
+def answer_batch(engine: Engine, examples: Sequence[Example], mode: str) -> BatchResult:
+    """Answer one batch for one mode: what every engine runs, in this process or in a Ray actor."""
+    records = answer_shard(engine, examples, mode)
+    stats = engine.last_stats
+    return BatchResult(records, stats.generated_tokens, stats.prompt_tokens)
 
 
 def _metrics(records: Sequence[dict]) -> dict:
@@ -299,6 +316,14 @@ def _sha256_text(text: str | None) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest() if text else None
 
 
+def data_identity(cfg: EvalConfig) -> dict:
+    """The questions file as the identity records it (read where the questions are loaded)."""
+    from prag.io import sha256_file
+
+    data = Path(cfg.data)
+    return {"data": _where(cfg.data), "data_sha256": sha256_file(data) if data.is_file() else None}
+
+
 def run_identity(cfg: EvalConfig, engine: Engine | None = None, tokenizer: Any = None) -> dict:
     """The run's identity (see above). With ``engine``: read from the running engine. Without: predicted
     before vLLM starts, for the fast resume check; it then lacks ``custom_ops``, which vLLM resolves at
@@ -306,7 +331,6 @@ def run_identity(cfg: EvalConfig, engine: Engine | None = None, tokenizer: Any =
     from dataclasses import asdict
 
     from prag.store import AdapterStore, model_fingerprint
-    from prag.io import sha256_file
     from engine.vllm_backend.llm import llm_custom_ops, llm_dtype, resolve_dtype
 
     ec = engine.config if engine is not None else cfg.engine
@@ -328,7 +352,6 @@ def run_identity(cfg: EvalConfig, engine: Engine | None = None, tokenizer: Any =
         manifest = asdict(read_manifest(cfg.index))
     elif engine is not None and getattr(engine.retriever, "manifest", None) is not None:
         manifest = asdict(engine.retriever.manifest)
-    data = Path(cfg.data)
     ident = {
         "format": CONFIG_FORMAT,
         "model": _where(model) if Path(model).exists() else model,
@@ -336,8 +359,7 @@ def run_identity(cfg: EvalConfig, engine: Engine | None = None, tokenizer: Any =
         "index": _where(cfg.index),
         "index_manifest": {k: manifest.get(k) for k in _INDEX_IDENTITY} if manifest else None,
         "store": _where(cfg.store), "store_version": store_version,
-        "dataset": resolve_dataset_name(cfg.dataset), "data": _where(cfg.data),
-        "data_sha256": sha256_file(data) if data.is_file() else None,
+        "dataset": resolve_dataset_name(cfg.dataset), **data_identity(cfg),
         "top_k": ec.top_k, "retrieval_method": ec.retrieval_method,
         "max_new_tokens": max_new, "chain_of_thought": prompt.chain_of_thought, "prompt": asdict(prompt),
         "chat_template_sha256": _sha256_text(getattr(tok, "chat_template", None)) if tok is not None else None,
@@ -480,34 +502,95 @@ def check_inputs(cfg: EvalConfig) -> list[str]:
     return modes
 
 
+def load_run(cfg: EvalConfig) -> tuple[list[str], list[Example]]:
+    """Checked modes and the questions to evaluate (fails fast, before any engine starts)."""
+    modes = check_inputs(cfg)
+    examples = load_dataset(cfg.dataset, cfg.data, limit=cfg.limit)
+    if not examples:
+        raise PragError(f"{cfg.data}: no questions to evaluate")
+    return modes, examples
+
+
+def check_before_start(cfg: EvalConfig) -> Any:
+    """The resume check on the predicted identity, before vLLM's slow start: a mismatching rerun fails in
+    seconds. Returns the model's tokenizer (truncated weights or no tokenizer: a named error first; a cached
+    hub id loads from its snapshot folder)."""
+    from transformers import AutoTokenizer
+
+    from prag.model_files import check_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(check_model_dir(cfg.model))
+    predicted = run_identity(cfg, tokenizer=tokenizer)
+    _check_identity(Path(cfg.out), predicted, complete=False)
+    _warn_if_not_exact(cfg, predicted)
+    return tokenizer
+
+
 def evaluate(cfg: EvalConfig, engine: Engine | None = None) -> dict:
     """Run (or resume) the evaluation described by ``cfg``; returns the results.json content.
 
     ``engine`` lets a caller reuse a running engine (tests, the demo); otherwise one is built.
     """
-    modes = check_inputs(cfg)
-    examples = load_dataset(cfg.dataset, cfg.data, limit=cfg.limit)
-    if not examples:
-        raise PragError(f"{cfg.data}: no questions to evaluate")
+    modes, examples = load_run(cfg)
     own = engine is None
     if engine is None:
-        # the resume check comes before vLLM's slow start: a mismatching rerun fails in seconds
-        from transformers import AutoTokenizer
-
-        from prag.model_files import check_model_dir
-
-        # truncated weights, no tokenizer: a named error before anything loads; a cached hub id loads
-        # from its snapshot folder
-        tokenizer = AutoTokenizer.from_pretrained(check_model_dir(cfg.model))
-        predicted = run_identity(cfg, tokenizer=tokenizer)
-        _check_identity(Path(cfg.out), predicted, complete=False)
-        _warn_if_not_exact(cfg, predicted)
+        tokenizer = check_before_start(cfg)
         engine = Engine(cfg.model, index=cfg.index, store=cfg.store, config=cfg.engine, tokenizer=tokenizer)
     try:
-        return _evaluate(cfg, engine, modes, examples)
+        return run_evaluation(cfg, LocalAnswerer(engine), modes, examples)
     finally:
         if own:
             engine.close()
+
+
+class Answerer(Protocol):
+    """The engine side of an evaluation: one in-process Engine, or N engines on Ray."""
+
+    model: str  # the model as the engines were given it (results.md's title)
+
+    def record(self, cfg: EvalConfig) -> dict:
+        """config.json's content (``run_record``) as the engines really run."""
+
+    def prepare(self, cfg: EvalConfig, warm_question: str | None, cover_modes: list[str],
+                cover: list[Example]) -> None:
+        """Warm the query embedder (``warm_question``) and run ``check_adapters_cover``."""
+
+    def answer(self, mode: str, batches: list[list[Example]]) -> Iterator[BatchResult]:
+        """One ``BatchResult`` per batch, in the order of ``batches``."""
+
+    def settings(self, cfg: EvalConfig, record: dict) -> dict:
+        """results.json's settings block."""
+
+
+class LocalAnswerer:
+    """The single-process path: one in-process Engine answers the batches in turn."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.model = engine.model
+
+    def record(self, cfg: EvalConfig) -> dict:
+        return run_record(cfg, self.engine)
+
+    def prepare(self, cfg: EvalConfig, warm_question: str | None, cover_modes: list[str],
+                cover: list[Example]) -> None:
+        prepare_engine(cfg, self.engine, warm_question, cover_modes, cover)
+
+    def answer(self, mode: str, batches: list[list[Example]]) -> Iterator[BatchResult]:
+        for batch in batches:
+            yield answer_batch(self.engine, batch, mode)
+
+    def settings(self, cfg: EvalConfig, record: dict) -> dict:
+        return results_settings(cfg, self.engine, record)
+
+
+def prepare_engine(cfg: EvalConfig, engine: Engine, warm_question: str | None, cover_modes: list[str],
+                   cover: list[Example]) -> None:
+    """Before the timed modes: load the query embedder (so its start-up is not billed to the first mode's
+    questions/s), and stop early if retrieved documents lack adapters (``check_adapters_cover``)."""
+    if warm_question is not None and engine.retriever is not None and hasattr(engine.retriever, "search"):
+        engine.retriever.search([warm_question or "warm-up"], 1, method=engine.config.retrieval_method)
+    check_adapters_cover(cfg, engine, cover_modes, cover)
 
 
 def check_adapters_cover(cfg: EvalConfig, engine: Engine, adapter_modes: list[str], examples: list[Example]) -> None:
@@ -538,11 +621,13 @@ def check_adapters_cover(cfg: EvalConfig, engine: Engine, adapter_modes: list[st
         f"fallback-rag (put the others in the prompt as passages)")
 
 
-def _evaluate(cfg: EvalConfig, engine: Engine, modes: list[str], examples: list[Example]) -> dict:
+def run_evaluation(cfg: EvalConfig, answerer: Answerer, modes: list[str], examples: list[Example]) -> dict:
+    """The evaluation loop both paths share: config.json, then per mode the pending questions in batches,
+    each appended to predictions.jsonl (in input order) with its timing, then results.json/.md."""
     from tqdm import tqdm
 
     out = Path(cfg.out)
-    record = run_record(cfg, engine)
+    record = answerer.record(cfg)
     _check_identity(out, record)  # the full identity, as the engine really runs
     if not (out / CONFIG).exists():
         atomic_write_json(out / CONFIG, record)
@@ -551,36 +636,38 @@ def _evaluate(cfg: EvalConfig, engine: Engine, modes: list[str], examples: list[
     done = {(r["id"], r["mode"]) for r in records}
     timing: dict = read_json(out / TIMING, "timing file") if (out / TIMING).exists() else {}
     pending = any((ex["id"], m) not in done for m in modes if m != "none" for ex in examples)
-    if pending and engine.retriever is not None and hasattr(engine.retriever, "search"):
-        # load the query embedder now, so its start-up is not billed to the first mode's questions/s
-        engine.retriever.search([examples[0]["question"] or "warm-up"], 1, method=engine.config.retrieval_method)
-    check_adapters_cover(cfg, engine, [m for m in modes if m in ADAPTER_MODES],
-                         [ex for ex in examples if any((ex["id"], m) not in done for m in modes if m in ADAPTER_MODES)])
+    adapter_modes = [m for m in modes if m in ADAPTER_MODES]
+    answerer.prepare(cfg, examples[0]["question"] if pending else None, adapter_modes,
+                     [ex for ex in examples if any((ex["id"], m) not in done for m in adapter_modes)])
     for mode in modes:
         todo = [ex for ex in examples if (ex["id"], mode) not in done]
         if not todo:
             continue
         bar = tqdm(total=len(todo), desc=f"eval {mode}", unit="q", disable=not cfg.progress)
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
-            t0 = time.perf_counter()
-            new = answer_shard(engine, batch, mode)
+        # the same batches whatever answers them: the query embedder's floats (retrieval scores, near-ties)
+        # depend on which questions share its batch, so equal batches keep the Ray run's records identical
+        batches = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+        answers = answerer.answer(mode, batches)
+        while True:
+            t0 = time.perf_counter()  # the time spent waiting for the next batch: wall time, on Ray too
+            batch = next(answers, None)
             secs = time.perf_counter() - t0
-            stats = engine.last_stats
-            _append(pred_path, new)
-            records += new
+            if batch is None:
+                break
+            _append(pred_path, batch.records)
+            records += batch.records
             t = timing.setdefault(mode, {"seconds": 0.0, "questions": 0, "generated_tokens": 0, "prompt_tokens": 0})
             t["seconds"] += secs
-            t["questions"] += len(batch)
-            t["generated_tokens"] += stats.generated_tokens
-            t["prompt_tokens"] += stats.prompt_tokens
+            t["questions"] += len(batch.records)
+            t["generated_tokens"] += batch.generated_tokens
+            t["prompt_tokens"] += batch.prompt_tokens
             atomic_write_json(out / TIMING, timing)
-            bar.update(len(batch))
+            bar.update(len(batch.records))
         bar.close()
     wanted = {ex["id"] for ex in examples}
     results = {**summarize([r for r in records if r["id"] in wanted], modes, timing),
-               SETTINGS: results_settings(cfg, engine, record)}
+               SETTINGS: answerer.settings(cfg, record)}
     atomic_write_json(out / RESULTS_JSON, results)
-    title = f"{cfg.dataset}: {len(examples)} questions, top-{engine.config.top_k}, model {Path(str(engine.model)).name}"
+    title = f"{cfg.dataset}: {len(examples)} questions, top-{record['top_k']}, model {Path(str(answerer.model)).name}"
     atomic_write_text(out / RESULTS_MD, results_markdown(results, title))
     return results
