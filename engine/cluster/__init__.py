@@ -1,1 +1,2 @@
-"""Scale-out of the engine on Ray: batch evaluation over N engine actors (``engine.cluster.eval``)."""
+"""Scale-out of the engine on Ray: batch evaluation over N engine actors (``engine.cluster.eval``) and the
+replicated OpenAI endpoint on Ray Serve (``engine.cluster.serve``)."""
