@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from engine.request import MODES
 from prag.errors import PragError
 
 
@@ -196,19 +197,32 @@ def register(sub) -> None:
     p.set_defaults(_flag_defaults={d: p.get_default(d) for d in _RECORDED_FLAGS})
     p.set_defaults(**{d: _UNSET for d in _RECORDED_FLAGS})
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat + completions) over the engine")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming, metrics)",
+                       description="Serve the engine over HTTP: POST /v1/chat/completions and /v1/completions "
+                                   "(PRAG controls in the body's 'prag' object: mode, top_k, doc_ids), GET "
+                                   "/v1/models, GET /metrics (Prometheus), GET /health. SIGTERM or Ctrl+C stops "
+                                   "taking requests, lets those in flight finish, then exits.")
     p.add_argument("--model", required=True, help="base model (HF directory or hub id in the local cache)")
     p.add_argument("--index", help="index directory (needed by rag/prag/combine unless requests pass doc_ids)")
     p.add_argument("--store", help="adapter store (needed by prag/combine)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: the PRAG_API_KEY "
-                   "environment variable, else no key)")
-    p.add_argument("--served-model-name", help="model id reported by /v1/models (default: --model)")
-    p.add_argument("--default-mode", default="prag", choices=["none", "rag", "prag", "combine"],
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+                   "the PRAG_API_KEY environment variable, else no key)")
+    p.add_argument("--served-model-name", help="model id reported by /v1/models and required in requests "
+                   "(default: --model)")
+    p.add_argument("--default-mode", default="prag", choices=list(MODES),
                    help="mode for requests that do not name one (default prag)")
-    p.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="how long to wait for more requests to batch together (default 5 ms)")
+    p.add_argument("--max-in-flight", type=int, default=256,
+                   help="questions answered at once; more get 429 with Retry-After (default 256)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body; larger ones get 413 unread (default 1048576)")
+    p.add_argument("--max-tokens-cap", type=int,
+                   help="largest max_tokens a request may ask for (default: what the context allows)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds requests in flight get to finish after SIGTERM (default 30)")
+    p.add_argument("--no-docs", dest="docs", action="store_false",
+                   help="do not serve /docs and /openapi.json (served behind the API key otherwise)")
     add_engine_flags(p)
     p.set_defaults(func=_serve)
     register_run(sub)
@@ -218,18 +232,18 @@ def _serve(args: argparse.Namespace) -> int:
     import os
 
     from engine.engine import Engine
-    from engine.http.server import ServerConfig, serve
+    from engine.http.app import ServerConfig, serve
 
-    if not 0 < args.port < 65536:
-        raise PragError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.batch_window_ms < 0:
-        raise PragError(f"--batch-window-ms must be >= 0, got {args.batch_window_ms}")
-    api_key = args.api_key or os.environ.get("PRAG_API_KEY") or None
-    engine = Engine(args.model, index=args.index, store=args.store, config=engine_config(args))
+    cfg = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PRAG_API_KEY") or None,
+                       served_model_name=args.served_model_name, default_mode=args.default_mode,
+                       max_in_flight=args.max_in_flight, max_body_bytes=args.max_body_bytes,
+                       max_tokens_cap=args.max_tokens_cap, shutdown_grace=args.shutdown_grace,
+                       docs=args.docs).check()  # bad flags fail before the engine starts
+    config = engine_config(args)
+    config.engine_args.setdefault("disable_log_stats", False)  # vLLM's own metrics on GET /metrics
+    engine = Engine(args.model, index=args.index, store=args.store, config=config)
     with engine:
-        serve(engine, ServerConfig(host=args.host, port=args.port, api_key=api_key,
-                                   served_model_name=args.served_model_name, default_mode=args.default_mode,
-                                   batch_window_ms=args.batch_window_ms))
+        serve(engine, cfg)
     return 0
 
 

@@ -413,11 +413,11 @@ def test_server_answers_every_request_that_does_not_need_the_missing_shard(store
     import openai
     import uvicorn
 
-    from engine.http.server import ServerConfig, create_app
+    from engine.http.app import ServerConfig, create_app
 
     engine = _engine(tiny_model_dir, stores["missing-shard"], shared_llm)
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, ServerConfig(port=port, batch_window_ms=50)),
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, ServerConfig(port=port)),
                                         host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -432,12 +432,12 @@ def test_server_answers_every_request_that_does_not_need_the_missing_shard(store
         def ask(i: int):
             q, docs = QUESTIONS[i % len(QUESTIONS)], SETS[i % len(SETS)]
             try:
-                r = client.completions.create(model="m", prompt=q, extra_body={"doc_ids": docs})
+                r = client.completions.create(model=engine.model, prompt=q, extra_body={"prag": {"doc_ids": docs}})
                 return i, 200, r.choices[0].text
             except openai.APIStatusError as exc:
                 return i, exc.status_code, str(exc)
 
-        with ThreadPoolExecutor(20) as pool:  # concurrent: they share micro-batches
+        with ThreadPoolExecutor(20) as pool:  # concurrent: they share vLLM's running batch
             got = list(pool.map(ask, range(20)))
         for i, status, text in got:
             docs = SETS[i % len(SETS)]
