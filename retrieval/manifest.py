@@ -19,7 +19,7 @@ from prag.io import atomic_write_json, read_json, sampled_sha256, sha256_file
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
-INDEX_TYPES = ("flat", "hnsw", "ivf")
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ class Retriever:
             store.close()
             raise PragError(f"{index_dir} is inconsistent (manifest: {manifest.count} x {manifest.dim}, FAISS: "
                             f"{index.ntotal} x {index.d}, doc store: {len(store)}); rebuild it")
-        if manifest.index_type == "ivf":
+        if manifest.index_type in ("ivf", "ivfpq"):
             index.nprobe = check_positive('nprobe', nprobe) if nprobe is not None else int(manifest.index_params.get("nprobe", index.nprobe))
         if manifest.index_type == "hnsw":
             index.hnsw.efSearch = check_positive('ef_search', ef_search) if ef_search is not None \

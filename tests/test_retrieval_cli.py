@@ -113,7 +113,8 @@ def test_help_lists_the_contract(capsys):
     with pytest.raises(SystemExit):
         main(["index", "build", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--corpus", "--embedder", "--index-type", "--out", "{flat,hnsw,ivf}", "--bm25", "--nlist"):
+    for flag in ("--corpus", "--embedder", "--index-type", "--out", "{flat,hnsw,ivf,ivfpq}", "--bm25", "--nlist",
+                 "--pq-m", "--pq-bits"):
         assert flag in text
     with pytest.raises(SystemExit):
         main(["index", "search", "--help"])

@@ -233,11 +233,11 @@ def test_bm25_needs_bm25_index(tmp_path, small, embedder):
 
 @pytest.fixture(scope="module")
 def typed_indexes(tmp_path_factory, embedder):
-    """flat / hnsw / ivf over one corpus (the cached embedder embeds it once for all three)."""
+    """flat / hnsw / ivf / ivfpq over one corpus (the cached embedder embeds it once for all four)."""
     corpus = write_jsonl(tmp_path_factory.mktemp("typed") / "corpus.jsonl", synthetic_corpus(300))
     root = tmp_path_factory.mktemp("typed-idx")
     cfgs = {"flat": IndexConfig(), "hnsw": IndexConfig(index_type="hnsw"),
-            "ivf": IndexConfig(index_type="ivf", chunk_size=128)}
+            "ivf": IndexConfig(index_type="ivf", chunk_size=128), "ivfpq": IndexConfig(index_type="ivfpq", chunk_size=128)}
     return {name: build_index(corpus, root / name, cfg, embedder=embedder, progress=False).out
             for name, cfg in cfgs.items()}
 
@@ -286,6 +286,72 @@ def test_ivf_trains_on_a_sample(tmp_path, embedder):
     assert (m.count, m.index_params["train_size"], m.index_params["nlist"]) == (120, 80, 2)
     with Retriever.load(out, embedder=embedder) as r:
         assert len(r.search(["Which castle is in Chile?"], k=5)[0]) == 5
+
+
+def test_ivfpq_builds_searches_reloads_and_verifies(typed_indexes, embedder):
+    import faiss
+
+    from retrieval.index import check_verified, verify_index
+
+    path = typed_indexes["ivfpq"]
+    m = read_manifest(path)
+    assert (m.index_type, m.count, m.dim) == ("ivfpq", 300, 384)
+    assert m.index_params == {"nlist": 7, "nprobe": 7, "train_size": 300, "pq_m": 48, "pq_bits": 8,
+                              "factory": "IVF7,PQ48x8"}  # 300 passages: 7 lists (39 per list), 384/8 sub-quantizers
+    index = faiss.read_index(str(path / FAISS_FILE))
+    assert (type(index).__name__, index.code_size, index.pq.M, index.pq.nbits) == ("IndexIVFPQ", 48, 48, 8)
+    check_verified(verify_index(path))
+    q = embedder.encode(synthetic_questions(60))
+    with Retriever.load(typed_indexes["flat"], embedder=embedder) as r:
+        exact = [[row for row, _ in h] for h in r.search_vectors(q, 10)]
+    with Retriever.load(path, embedder=embedder) as r:
+        assert r.index.nprobe == 7
+        hits = r.search_vectors(q, 10)
+        approx = [[row for row, _ in h] for h in hits]
+        (text_hits,) = r.search(["Which museum in Peru is famous for its rare manuscripts?"], k=3)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, exact)])
+    assert 0.5 <= recall < 1.0, f"ivfpq recall@10 vs flat = {recall:.3f}"  # compressed: close, not exact
+    assert all(len(h) == 10 for h in hits) and all(d.startswith("doc-") for d, _ in text_hits)
+    with Retriever.load(path, embedder=embedder, nprobe=1) as r:  # the stored nprobe can be overridden
+        assert r.index.nprobe == 1
+        narrow = [[row for row, _ in h] for h in r.search_vectors(q, 10)]
+    assert narrow != approx
+
+
+def test_ivfpq_on_a_small_corpus_lowers_nlist_and_bits_and_says_so(tmp_path, embedder, caplog):
+    corpus = write_jsonl(tmp_path / "c.jsonl", synthetic_corpus(120))
+    with caplog.at_level("INFO", logger="retrieval"):
+        out = build_index(corpus, tmp_path / "pq", IndexConfig(index_type="ivfpq", pq_m=16), embedder=embedder,
+                          progress=False).out
+    p = read_manifest(out).index_params
+    assert (p["nlist"], p["pq_m"], p["pq_bits"], p["factory"]) == (3, 16, 6, "IVF3,PQ16x6")  # 2**6 = 64 <= 120
+    said = caplog.text
+    assert "ivfpq: 3 lists (not 4*sqrt(N) = 44: 120 training passages give at least 39 per list)" in said
+    assert "ivfpq: 6-bit codes (not 8: 120 training passages cannot train 256 centroids" in said
+    with Retriever.load(out, embedder=embedder) as r:
+        assert len(r.search(["Which castle is in Chile?"], k=5)[0]) == 5
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--pq-m", "50"], r"--pq-m 50 must divide the embedding dimension 384 \(e\.g\. 4, 6, 8, 12, 16"),
+    (["--pq-bits", "8", "--train-size", "100"], r"--pq-bits 8 means 256 centroids per sub-quantizer, which needs at "
+                                                r"least that many training passages; only 100 are available \(lower "
+                                                r"--pq-bits to 6 or less, or raise --train-size\)"),
+    (["--pq-bits", "17"], r"pq_bits \(--pq-bits\) must be an integer from 1 to 16, got 17"),
+    (["--pq-m", "0"], r"pq_m \(--pq-m\) must be a positive integer, got 0"),
+    (["--nlist", "500"], r"nlist=500 needs at least 500 training passages; only 300 are available \(lower --nlist\)"),
+])
+def test_ivfpq_bad_parameters_name_the_flag(tmp_path, flags, message, capsys):
+    from prag.cli import main
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", synthetic_corpus(300))
+    out = tmp_path / "pq"
+    assert main(["index", "build", "--corpus", str(corpus), "--out", str(out), "--index-type", "ivfpq", "--quiet",
+                 *flags]) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err), message
+    assert not out.exists() and not list(tmp_path.glob(".pq*"))  # nothing left behind
 
 
 # ---------------------------------------------------------------------------------------- bad input
