@@ -32,6 +32,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from engine.http import metrics as metrics_mod
 from engine.http.errors import APIError, from_failure, from_invalid, from_validation
@@ -373,7 +374,11 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
     async def _generate(request: Request, kind: type):
         track = _Track(state)
         try:
-            body = await _read_json(request, cfg.max_body_bytes)
+            try:
+                body = await _read_json(request, cfg.max_body_bytes)
+            except ClientDisconnect:  # gone while sending its body: nothing to answer
+                track.finish(499)
+                return Response(status_code=499)
             req, questions, param = _parse(body, kind)
             preqs = _prag_requests(req, questions, param)
             track.mode = str(preqs[0].mode)
@@ -384,6 +389,7 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         rid = f"{'chatcmpl' if kind is ChatCompletionRequest else 'cmpl'}-{uuid.uuid4().hex}"
         if req.user:
             log.info("request %s from user %r", rid, req.user[:100])
+        t_run = time.monotonic()  # the engine's timings count from here
         run = _Run(engine, preqs, rid, stream_tokens=req.stream)
         handed_over = False
         gone = asyncio.ensure_future(_until_disconnect(request))
@@ -396,9 +402,9 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
             answers = await _answers(run, len(preqs), gone, param)
             for a in answers:
                 state.metrics.observe_answer(track.mode, a)
-            ttft = (answers[0].timings or {}).get("ttft_s") if hasattr(answers[0], "timings") else None
-            if ttft is not None:
-                track.first_token(track.t0 + ttft)
+            ttft = min((a.timings.get("ttft_s", float("inf")) for a in answers), default=float("inf"))
+            if ttft < float("inf"):
+                track.first_token(t_run + ttft)
             track.finish(200)
             return JSONResponse(_response(req, kind, rid, answers, track.mode).model_dump(mode="json"))
         except _ClientGone:
