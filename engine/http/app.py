@@ -268,7 +268,12 @@ def _answer_error(answer: Any, param: str) -> APIError:
 
 
 def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
-    """The FastAPI application over ``engine`` (shared by all requests)."""
+    """The FastAPI application over ``engine`` (shared by all requests).
+
+    What it uses of the engine (an :class:`~engine.engine.Engine`, or anything shaped like one):
+    ``model``, ``limits``, ``max_new_tokens``, ``config.top_k``, ``request(...)``, ``stream(...)`` and
+    ``close()``; read when present: ``max_question_chars``, ``in_flight``, ``cache.stats.hits/misses``,
+    ``driver.aborted`` (metrics)."""
     cfg = (config or ServerConfig()).check()
     state = _State(engine, cfg)
     max_chars = getattr(engine, "max_question_chars", None) or float("inf")
