@@ -82,7 +82,7 @@ def _run(site: dict, routing: str, workload: list[list[str]], args) -> dict:
     hits = sum(bool(a.adapter_cache_hit) for a in answers)
     per_replica: dict[str, int] = {}
     for a in answers:
-        per_replica[a.timings["replica"]] = per_replica.get(a.timings["replica"], 0) + 1
+        per_replica[a.replica] = per_replica.get(a.replica, 0) + 1
     return {"routing": routing, "requests": len(answers), "hits": hits, "hit_share": hits / len(answers),
             "questions_per_s": len(answers) / secs, "seconds": secs, "replica_start_s": start_s,
             "requests_per_replica": sorted(per_replica.values()),

@@ -223,6 +223,17 @@ def register(sub) -> None:
                    help="seconds requests in flight get to finish after SIGTERM (default 30)")
     p.add_argument("--no-docs", dest="docs", action="store_false",
                    help="do not serve /docs and /openapi.json (served behind the API key otherwise)")
+    g = p.add_argument_group("replicated on Ray Serve (engine/cluster/serve.py)")
+    g.add_argument("--ray-address", metavar="ADDR", help="answer with --replicas vLLM engines on Ray Serve behind "
+                   "this server: a cluster address (host:port or ray://host:port), 'auto' or 'local' (start one "
+                   "here); the API, auth, errors and metrics stay the same")
+    g.add_argument("--replicas", type=int, default=2, help="engine replicas (default 2)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (default 1)")
+    g.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (default 0)")
+    g.add_argument("--routing", choices=["affinity", "default"], default="affinity",
+                   help="affinity (default): a request goes to a replica that already holds its merged adapter "
+                        "(Serve model multiplexing by document set); default: Serve's own routing")
+    g.add_argument("--ray-num-cpus", type=int, help="with --ray-address local: CPUs of the local cluster")
     add_engine_flags(p)
     p.set_defaults(func=_serve)
     register_run(sub)
@@ -241,9 +252,21 @@ def _serve(args: argparse.Namespace) -> int:
                        docs=args.docs).check()  # bad flags fail before the engine starts
     config = engine_config(args)
     config.engine_args.setdefault("disable_log_stats", False)  # vLLM's own metrics on GET /metrics
-    engine = Engine(args.model, index=args.index, store=args.store, config=config)
-    with engine:
-        serve(engine, cfg)
+    if args.ray_address is None:
+        with Engine(args.model, index=args.index, store=args.store, config=config) as engine:
+            serve(engine, cfg)
+        return 0
+    from engine.cluster.serve import ReplicaConfig, ReplicatedEngine
+    from offline_encode.ray_jobs import RayOptions, ray_session
+
+    replicas = ReplicaConfig(replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+                             gpus_per_replica=args.gpus_per_replica, routing=args.routing).check()
+    with ray_session(RayOptions(address=args.ray_address, num_cpus=args.ray_num_cpus)):
+        engine = ReplicatedEngine(args.model, args.index, args.store, config, replicas)
+        try:
+            serve(engine, cfg)
+        finally:
+            engine.close()
     return 0
 
 

@@ -181,6 +181,7 @@ class Answer:
     missing_doc_ids: list[str] = field(default_factory=list)
     on_missing_adapter: str | None = None
     adapter_cache_hit: bool | None = None  # None: no adapter was needed
+    replica: str | None = None  # the engine replica that answered (the replicated server only)
     # seconds: retrieve_s, adapter_s (merged adapter ready, after retrieval), ttft_s, total_s
     timings: dict[str, float] = field(default_factory=dict)
 

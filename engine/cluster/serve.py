@@ -67,6 +67,8 @@ class ReplicaConfig:
 class ReplicaFailed(PragError):
     """The replica serving a request died or failed it; retryable (the server answers 503)."""
 
+    http_status = 503
+
 
 def _generator_class(adapters_per_replica: int):
     """The generator deployment's class, with the multiplex LRU size baked in (Serve reads it at definition)."""
@@ -106,12 +108,26 @@ def _generator_class(adapters_per_replica: int):
             try:
                 async for event in gen:
                     if isinstance(event, Finished):
-                        event.answer.timings["replica"] = self.replica  # which replica answered
+                        event.answer.replica = self.replica
                     yield event
             finally:
                 await gen.aclose()
 
     return Generator
+
+
+@dataclass
+class _Counts:
+    """Merged-adapter cache hits/misses and aborts of the replicas, as counted from the answers passing through
+    the ingress (what ``/metrics`` reports as ``prag_adapter_cache_*`` and ``prag_vllm_aborts``)."""
+
+    hits: int = 0
+    misses: int = 0
+    aborted: int = 0
+
+    @property
+    def stats(self) -> "_Counts":  # the shape the app reads: engine.cache.stats.hits / engine.driver.aborted
+        return self
 
 
 class ReplicatedEngine:
@@ -164,6 +180,7 @@ class ReplicatedEngine:
             if self.retriever is not None else None
         self._in_flight = 0
         self._closed = False
+        self.cache = self.driver = _Counts()
 
     # -- the engine surface the HTTP app uses -----------------------------------------------------
     @property
@@ -217,6 +234,10 @@ class ReplicatedEngine:
                         elif isinstance(event, Delta):
                             started = True
                         elif isinstance(event, Finished):
+                            hit = event.answer.adapter_cache_hit
+                            if hit is not None:
+                                self.cache.hits += hit
+                                self.cache.misses += not hit
                             if scores:
                                 event.answer.scores = scores
                             if retrieve_s is not None:
@@ -225,6 +246,7 @@ class ReplicatedEngine:
                     return
                 except (GeneratorExit, asyncio.CancelledError):
                     gen.cancel()  # the client went away: the replica aborts its vLLM request
+                    self.driver.aborted += 1
                     raise
                 except Exception as exc:  # noqa: BLE001 - a dead or failing replica
                     if attempt == 1 and not started and _replica_died(exc):

@@ -260,7 +260,16 @@ def _prag_info(mode: str, answer: Any) -> PragInfo:
     return PragInfo(mode=mode, doc_ids=list(answer.doc_ids), scores=[float(s) for s in answer.scores],
                     prediction=answer.prediction, truncated=answer.truncated,
                     adapter_cache_hit=getattr(answer, "adapter_cache_hit", None), missing_adapter=missing,
+                    replica=getattr(answer, "replica", None),
                     timings={k: round(v, 6) for k, v in (getattr(answer, "timings", None) or {}).items()})
+
+
+def _engine_error(exc: BaseException) -> APIError:
+    """An exception out of the engine: 500, or what it asks for (a dead replica: 503, retry)."""
+    status = getattr(exc, "http_status", 500)
+    if status == 503:
+        return APIError(503, str(exc), code="replica_unavailable", headers={"Retry-After": "1"})
+    return APIError(status, f"the engine failed ({type(exc).__name__}); see the server log", code="engine_error")
 
 
 def _answer_error(answer: Any, param: str) -> APIError:
@@ -433,8 +442,7 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         while left:
             i, ev = await run.next(gone)
             if isinstance(ev, BaseException):
-                raise APIError(500, f"the engine failed ({type(ev).__name__}); see the server log",
-                               code="engine_error")
+                raise _engine_error(ev)
             if isinstance(ev, Finished):
                 answers[i] = ev.answer
                 left -= 1
@@ -449,8 +457,7 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         while len(started) < n:
             i, ev = await run.next(gone)
             if isinstance(ev, BaseException):
-                raise APIError(500, f"the engine failed ({type(ev).__name__}); see the server log",
-                               code="engine_error")
+                raise _engine_error(ev)
             if isinstance(ev, Finished) and ev.answer.error is not None:
                 raise _answer_error(ev.answer, param if n == 1 else f"{param}.{i}")
             if isinstance(ev, (Delta, Finished)):

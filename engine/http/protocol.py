@@ -220,6 +220,7 @@ class PragInfo(BaseModel):
     truncated: bool | None = None  # passages cut to fit the context
     adapter_cache_hit: bool | None = None  # the merged adapter came from the cache (None: no adapter)
     missing_adapter: MissingAdapter | None = None  # what --on-missing-adapter did
+    replica: str | None = None  # the engine replica that answered (prag serve --replicas only)
     timings: dict[str, float] | None = None  # seconds: retrieve_s, adapter_s, ttft_s, total_s (engine side)
 
 
