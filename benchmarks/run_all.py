@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prag.io import atomic_write_text
 
-BENCHMARKS = ["retrieval", "encode_throughput", "serve_throughput", "sizing"]  # sizing reads the first and last
+BENCHMARKS = ["retrieval", "encode_throughput", "serve_throughput", "server_load", "serve_affinity", "sizing"]  # sizing reads the first and last
 
 
 def main(argv: list[str] | None = None) -> int:
