@@ -229,7 +229,7 @@ def register(sub) -> None:
                    "here); the API, auth, errors and metrics stay the same")
     g.add_argument("--replicas", type=int, default=2, help="engine replicas (default 2)")
     g.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica (default 1)")
-    g.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (default 0)")
+    g.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (default 1 on a cluster with GPUs, else 0)")
     g.add_argument("--routing", choices=["affinity", "default"], default="affinity",
                    help="affinity (default): a request goes to a replica that already holds its merged adapter "
                         "(Serve model multiplexing by document set); default: Serve's own routing")

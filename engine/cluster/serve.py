@@ -48,7 +48,7 @@ class ReplicaConfig:
 
     replicas: int = 2
     cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 0.0
+    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs now, else 0
     routing: str = "affinity"  # affinity: multiplexed_model_id = adapter key; default: Serve's own routing
     adapters_per_replica: int = 256  # Serve's per-replica multiplex LRU (our byte-bounded cache is the real one)
     max_ongoing_requests: int = 512  # per replica; vLLM batches them
@@ -59,7 +59,7 @@ class ReplicaConfig:
             raise PragError(f"--replicas must be >= 1, got {self.replicas}")
         if self.routing not in ROUTINGS:
             raise PragError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
-        if self.cpus_per_replica <= 0 or self.gpus_per_replica < 0:
+        if self.cpus_per_replica <= 0 or (self.gpus_per_replica is not None and self.gpus_per_replica < 0):
             raise PragError("--cpus-per-replica must be > 0 and --gpus-per-replica >= 0")
         return self
 
@@ -154,12 +154,17 @@ class ReplicatedEngine:
             from prag.store import AdapterStore
 
             self.store_version = AdapterStore.open(store).version
+        import ray
+
         rc = self.replica_config
+        gpus = rc.gpus_per_replica
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         Generator = _generator_class(rc.adapters_per_replica)
         env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), **rc.env}
         deployment = serve.deployment(
             Generator, name="generator", num_replicas=rc.replicas, max_ongoing_requests=rc.max_ongoing_requests,
-            ray_actor_options={"num_cpus": rc.cpus_per_replica, "num_gpus": rc.gpus_per_replica,
+            ray_actor_options={"num_cpus": rc.cpus_per_replica, "num_gpus": gpus,
                                "runtime_env": {"env_vars": env}},
             health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5)
         serve.start(proxy_location="Disabled")
