@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,29 +79,13 @@ def _offline(site: dict, questions: list[str], mode: str, args) -> float:
     return len(questions) / secs
 
 
-def _start_server(site: dict, args, port: int, log: Path) -> subprocess.Popen:
-    import httpx
+def _start_server(site: dict, args, log: Path):
+    from tests.helpers.server import launch
 
-    cmd = [sys.executable, "-m", "prag.cli", "serve", "--model", str(site["model"]), "--index", str(site["index"]),
-           "--store", str(site["store"]), "--port", str(port), "--served-model-name", "bench",
-           "--dtype", args.dtype, "--max-model-len", str(args.max_model_len), "--max-loras", str(args.max_loras),
-           "--top-k", str(args.top_k), "--max-new-tokens", str(args.max_new_tokens), "--max-in-flight", "1024"]
-    env = dict(os.environ, PRAG_API_KEY=API_KEY)
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prag serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"prag serve did not start: {log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    return launch(["--model", str(site["model"]), "--index", str(site["index"]), "--store", str(site["store"]),
+                   "--served-model-name", "bench", "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
+                   "--max-loras", str(args.max_loras), "--top-k", str(args.top_k), "--max-new-tokens",
+                   str(args.max_new_tokens), "--max-in-flight", "1024"], log, api_key=API_KEY, timeout=300)
 
 
 async def _level(client, questions: list[str], mode: str, concurrency: int, stream: bool,
@@ -204,7 +187,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     _env()
     from prag.io import atomic_write_json, atomic_write_text
-    from tests.helpers.server import free_port
 
     levels = [int(x) for x in args.levels.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -222,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     offline_qs = {m: take(args.n) for m in modes}
     offline_runs = {m: [_offline(site, offline_qs[m], m, args)] for m in modes}
-    port = free_port()
-    proc = _start_server(site, args, port, out / "server.log")
+    server = _start_server(site, args, out / "server.log")
+    port = server.port
     rows: list[dict] = []
     try:
         import openai
@@ -242,8 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         batching = asyncio.run(drive())
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop()
     for m in modes:  # again after the server: the baseline brackets the HTTP runs
         offline_runs[m].append(_offline(site, take(args.n), m, args))
     offline = {m: statistics.mean(v) for m, v in offline_runs.items()}

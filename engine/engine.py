@@ -586,10 +586,11 @@ class Engine:
         self._check_mode_setup(req.mode, req.doc_ids is not None)
         return req
 
-    async def answer(self, req: PragRequest, request_id: str | None = None) -> Answer:
+    async def answer(self, req: PragRequest, request_id: str | None = None,
+                     _hits: list[tuple[str, float]] | None = None) -> Answer:
         """One question, answered whole (the last event of :meth:`stream`)."""
         answer = None
-        gen = self.stream(req, request_id, stream_tokens=False)
+        gen = self.stream(req, request_id, stream_tokens=False, _hits=_hits)
         try:
             async for event in gen:
                 if isinstance(event, Finished):
@@ -737,22 +738,11 @@ class Engine:
 
         async def one(i: int, req: PragRequest) -> Answer:
             if gate is None:
-                return await self._answer_with_hits(req, hits.get(i))
+                return await self.answer(req, _hits=hits.get(i))
             async with gate:
-                return await self._answer_with_hits(req, hits.get(i))
+                return await self.answer(req, _hits=hits.get(i))
 
         return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
-
-    async def _answer_with_hits(self, req: PragRequest, found) -> Answer:
-        answer = None
-        gen = self.stream(req, stream_tokens=False, _hits=found)
-        try:
-            async for event in gen:
-                if isinstance(event, Finished):
-                    answer = event.answer
-        finally:
-            await gen.aclose()
-        return answer
 
     def generate(self, questions: Sequence[str], mode: str = "prag", top_k: int | None = None,
                  doc_ids: Sequence[Sequence[str] | None] | None = None,

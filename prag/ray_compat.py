@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import copy
 import importlib
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prag.errors import PragError
+from prag.versions import in_range, lost_parameters, package_version
 
 # Ray versions the private symbols below were tested with: [low, high). requirements/*.lock pin ray==2.60.0.
 TESTED_VERSIONS = ((2, 60, 0), (2, 61, 0))
@@ -64,18 +64,11 @@ def ray_version() -> tuple[str, tuple[int, ...]]:
     """(version string, its numeric (major, minor, patch)) of the installed Ray."""
     import ray
 
-    text = getattr(ray, "__version__", "0")
-    nums: list[int] = []
-    for part in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        nums.append(int(digits) if digits else 0)
-    return text, tuple(nums + [0] * (3 - len(nums)))
+    return package_version(ray)
 
 
 def version_in_range(version: tuple[int, ...] | None = None) -> bool:
-    version = ray_version()[1] if version is None else version
-    low, high = TESTED_VERSIONS
-    return low <= tuple(version) < high
+    return in_range(ray_version()[1] if version is None else version, TESTED_VERSIONS)
 
 
 def check_ray_version() -> None:
@@ -123,11 +116,7 @@ def symbol_problems() -> list[str]:
         except (ImportError, AttributeError) as exc:
             problems.append(f"{sym.module}.{sym.qualname}: missing ({exc})")
             continue
-        try:
-            names = set(inspect.signature(obj).parameters)
-        except (TypeError, ValueError):
-            names = set()
-        lost = [p for p in sym.params if p not in names]
+        lost = lost_parameters(obj, sym.params)
         if lost:
             problems.append(f"{sym.module}.{sym.qualname}: parameters {lost} are gone")
     return problems

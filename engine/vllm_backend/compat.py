@@ -38,6 +38,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+from prag.versions import in_range, lost_parameters, package_version
+
 # vLLM versions the private symbols below were tested with: [low, high)
 TESTED_VERSIONS = ((0, 32, 0), (0, 33, 0))
 
@@ -225,18 +227,11 @@ def vllm_version() -> tuple[str, tuple[int, ...]]:
     """(version string, its numeric (major, minor, patch)) of the installed vLLM."""
     import vllm
 
-    text = getattr(vllm, "__version__", "0")
-    nums: list[int] = []
-    for part in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        nums.append(int(digits) if digits else 0)
-    return text, tuple(nums + [0] * (3 - len(nums)))
+    return package_version(vllm)
 
 
 def version_in_range(version: tuple[int, ...] | None = None) -> bool:
-    version = vllm_version()[1] if version is None else version
-    low, high = TESTED_VERSIONS
-    return low <= tuple(version) < high
+    return in_range(vllm_version()[1] if version is None else version, TESTED_VERSIONS)
 
 
 def version_problem() -> str | None:
@@ -273,11 +268,7 @@ def symbol_problem(sym: PrivateSymbol) -> str | None:
     except (ImportError, AttributeError) as exc:
         return f"{name}: missing ({exc})"
     if sym.params:
-        try:
-            names = set(inspect.signature(obj).parameters)
-        except (TypeError, ValueError):
-            names = set()
-        lost = [p for p in sym.params if p not in names]
+        lost = lost_parameters(obj, sym.params)
         if lost:
             return f"{name}: parameters {lost} are gone"
     if sym.text:

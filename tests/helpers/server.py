@@ -93,17 +93,21 @@ class ServerProcess:
 def start_server(site: dict, log: Path, *args: str, api_key: str | None = "test-key",
                  timeout: float = 240) -> ServerProcess:
     """``prag serve`` over ``site`` (fp32, context 1024) with extra CLI ``args``; waits for /health."""
+    return launch(["--model", str(site["model"]), "--index", str(site["index"]), "--store", str(site["store"]),
+                   "--dtype", "float32", "--max-model-len", "1024", "--served-model-name", "prag-tiny", *args],
+                  log, api_key=api_key, timeout=timeout)
+
+
+def launch(serve_args: list[str], log: Path, api_key: str | None = None, timeout: float = 240) -> ServerProcess:
+    """``prag serve SERVE_ARGS --port <free>`` in its own process (output in ``log``); waits for /health."""
     port = free_port()
-    cmd = [sys.executable, "-m", "prag.cli", "serve", "--model", str(site["model"]), "--index", str(site["index"]),
-           "--store", str(site["store"]), "--dtype", "float32", "--max-model-len", "1024", "--port", str(port),
-           "--served-model-name", "prag-tiny", *args]
+    cmd = [sys.executable, "-m", "prag.cli", "serve", *serve_args, "--port", str(port)]
     env = dict(os.environ)
     env.pop("PRAG_API_KEY", None)
     if api_key:
         env["PRAG_API_KEY"] = api_key
-    fh = open(log, "wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    fh.close()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     srv = ServerProcess(proc, port, api_key, log)
     deadline = time.monotonic() + timeout
     while True:
