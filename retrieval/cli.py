@@ -17,7 +17,15 @@ def _build(args: argparse.Namespace) -> int:
                       train_size=args.train_size, pq_m=args.pq_m, pq_bits=args.pq_bits, hnsw_m=args.hnsw_m,
                       ef_construction=args.ef_construction, ef_search=args.ef_search, bm25=args.bm25,
                       bm25_k1=args.bm25_k1, bm25_b=args.bm25_b, allow_download=args.allow_download)
-    result = build_index(args.corpus, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
+    if args.ray_address:
+        from retrieval.build_ray import RayIndexOptions, build_index_ray
+
+        ray_opts = RayIndexOptions(address=args.ray_address, embed_actors=args.ray_embed_actors,
+                                   gpus_per_actor=args.ray_gpus_per_actor, num_cpus=args.ray_num_cpus)
+        result = build_index_ray(args.corpus, args.out, cfg, ray_opts, progress=not args.quiet,
+                                 overwrite=args.overwrite)
+    else:
+        result = build_index(args.corpus, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     print(result.summary())
     return 0
 
@@ -129,7 +137,18 @@ def register(sub) -> None:
     b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: graph degree M (default 32)")
     b.add_argument("--ef-construction", type=int, default=200, help="hnsw: build beam width (default 200)")
     b.add_argument("--ef-search", type=int, default=128, help="hnsw: search beam width, stored in the index (default 128)")
-    b.add_argument("--device", default=None, help="embedder device (default: cuda if available, else cpu)")
+    b.add_argument("--device", default=None,
+                   help="embedder device (default: cuda if available, else cpu; on Ray: cuda for GPU actors)")
+    b.add_argument("--ray-address", default=None,
+                   help="embed on Ray (Ray Data actor pool, one model load per actor) and build the index here: "
+                        "a cluster address (host:port or ray://host:port), 'auto' (the cluster of this machine, "
+                        "e.g. under `ray job submit`) or 'local' (start one here). On a multi-node cluster --out "
+                        "must be on storage every node mounts at the same path")
+    b.add_argument("--ray-embed-actors", type=int, default=None, metavar="N",
+                   help="embedder actors (default: one per GPU, or one per 4 CPUs on a CPU cluster)")
+    b.add_argument("--ray-gpus-per-actor", type=float, default=None, metavar="G",
+                   help="GPUs per embedder actor (default 1 when the cluster has GPUs, else 0: CPU actors)")
+    b.add_argument("--ray-num-cpus", type=int, default=None, help="with --ray-address local: CPUs of the local cluster")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_build)
 

@@ -114,7 +114,7 @@ def test_help_lists_the_contract(capsys):
         main(["index", "build", "--help"])
     text = capsys.readouterr().out
     for flag in ("--corpus", "--embedder", "--index-type", "--out", "{flat,hnsw,ivf,ivfpq}", "--bm25", "--nlist",
-                 "--pq-m", "--pq-bits"):
+                 "--pq-m", "--pq-bits", "--ray-address", "--ray-embed-actors", "--ray-gpus-per-actor"):
         assert flag in text
     with pytest.raises(SystemExit):
         main(["index", "search", "--help"])
