@@ -1,4 +1,4 @@
-"""Retrieval benchmark on the NQ pool: build and query throughput, recall for flat / hnsw / ivf.
+"""Retrieval benchmark on the NQ pool: build and query throughput, recall and size for flat / hnsw / ivf / ivfpq.
 
     python -m benchmarks.retrieval --out DIR [--data NQ_ORACLE.jsonl.gz] [--limit N] [--k 10]
 
@@ -12,8 +12,13 @@ What is measured (all through the library's real code paths):
 - query: questions are embedded once (a batch); each index then answers the batch
   (``search_vectors``) and, for latency, one question at a time.
 - quality: recall@k of each index relative to flat (the fraction of flat's top-k it returns),
-  and recall@1/@5 of each question's own gold passage. BM25 and hybrid (reciprocal-rank fusion)
-  are reported for comparison.
+  recall@1/@5/@k of each question's own gold passage, and answer recall@k (a top-k passage contains
+  one of the question's answers, SQuAD-normalised, as DPR's top-k accuracy counts). BM25 and hybrid
+  (reciprocal-rank fusion) are reported for comparison.
+- size: bytes per passage of ``index.faiss`` on this pool, and split into what every added passage
+  costs (the file minus the same index emptied, over N) and what is fixed (centroids, PQ codebooks,
+  the emptied index): the marginal figure is what scales to a 21M-passage corpus. ivfpq is also built
+  with other ``pq_m`` values (code bytes per passage) to show the size / recall trade.
 """
 
 from __future__ import annotations
@@ -29,7 +34,32 @@ from pathlib import Path
 from prag.io import atomic_write_json, atomic_write_text
 
 SHARED_NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle.jsonl.gz"
-TYPES = ("flat", "hnsw", "ivf")
+TYPES = ("flat", "hnsw", "ivf", "ivfpq")
+PQ_M_SWEEP = (24, 48, 96)  # ivfpq code bytes per passage at 8 bits (all divide 384); 48 is the default
+DPR_PASSAGES = 21_015_324
+
+
+def index_bytes(path: Path, n: int) -> dict:
+    """``index.faiss`` bytes per passage, and split into the marginal bytes per passage and the fixed part."""
+    import faiss
+
+    size = path.stat().st_size
+    index = faiss.read_index(str(path))
+    index.reset()  # drops the vectors (and ids, graph links), keeps what training made
+    fixed = len(faiss.serialize_index(index))
+    return {"index_bytes_per_passage": round(size / n, 1), "index_marginal_bytes_per_passage": round((size - fixed) / n, 1),
+            "index_fixed_bytes": fixed}
+
+
+def answer_recall(texts: list[list[str]], answers: list[tuple[str, ...]], k: int) -> float:
+    """Share of questions with an answer in one of their first ``k`` passages (SQuAD-normalised, whole words)."""
+    from engine.eval.scoring import normalize_answer
+
+    hit = 0
+    for passages, golds in zip(texts, answers):
+        norm = [f" {normalize_answer(g)} " for g in golds if normalize_answer(g)]
+        hit += any(g in f" {normalize_answer(t)} " for t in passages[:k] for g in norm)
+    return hit / max(1, len(texts))
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -56,6 +86,8 @@ def run(data: Path, workdir: Path, k: int = 10, limit: int | None = None, latenc
     atomic_write_jsonl(corpus, docs)
     questions = [qa.question for qa in qas]
     gold = [qa.gold_id for qa in qas]
+    answers = [qa.answers for qa in qas]
+    text_of = {d["id"]: f"{d['title']} {d['text']}" for d in docs}
     n = len(docs)
 
     base = Embedder()
@@ -107,13 +139,17 @@ def run(data: Path, workdir: Path, k: int = 10, limit: int | None = None, latenc
         rows[t].update({f"recall@{j}_vs_flat": round(overlap_at_k(results[t], results["flat"], j), 4)
                         for j in sorted({1, 5, k})})
         rows[t].update({"gold_recall@1": round(recall_at_k(results[t], gold, 1), 4),
-                        "gold_recall@5": round(recall_at_k(results[t], gold, 5), 4)})
+                        "gold_recall@5": round(recall_at_k(results[t], gold, 5), 4),
+                        f"gold_recall@{k}": round(recall_at_k(results[t], gold, k), 4),
+                        f"answer_recall@{k}": round(answer_recall([[text_of[d] for d in r] for r in results[t]],
+                                                                  answers, k), 4)})
 
     # the speed / recall dial of each approximate index
-    sweeps: dict[str, list[dict]] = {"ivf": [], "hnsw": []}
+    sweeps: dict[str, list[dict]] = {"ivf": [], "hnsw": [], "ivfpq": []}
     nlist = rows["ivf"]["index_params"]["nlist"]
     dials = {"ivf": ("nprobe", [p for p in (1, 2, 4, 8, 16, 32, 64) if p <= nlist]),
-             "hnsw": ("ef_search", [16, 32, 64, 128, 256])}
+             "hnsw": ("ef_search", [16, 32, 64, 128, 256]),
+             "ivfpq": ("nprobe", [p for p in (1, 2, 4, 8, 16, 32, 64) if p <= rows["ivfpq"]["index_params"]["nlist"]])}
     for t, (knob, values) in dials.items():
         for v in values:
             with Retriever.load(workdir / t, embedder=cached, **{knob: v}) as r:
@@ -139,7 +175,24 @@ def run(data: Path, workdir: Path, k: int = 10, limit: int | None = None, latenc
     rows["bm25"]["build_s_without_embedding"] = round(bm25_seconds, 3)
     # sizes on disk: what a corpus of N passages costs per index type (the doc store is extra, for all)
     for t in TYPES:
-        rows[t]["index_bytes_per_passage"] = round((workdir / t / "index.faiss").stat().st_size / n, 1)
+        rows[t].update(index_bytes(workdir / t / "index.faiss", n))
+        rows[t]["index_gib_at_21m"] = round((rows[t]["index_fixed_bytes"] + DPR_PASSAGES
+                                             * rows[t]["index_marginal_bytes_per_passage"]) / 2 ** 30, 2)
+    # ivfpq's size / recall dial: code bytes per passage (pq_m at 8 bits)
+    exact_rows = [[x for x, _ in h] for h in flat_rows]
+    for m in PQ_M_SWEEP:
+        out = workdir / f"ivfpq-m{m}"
+        res = build_index(corpus, out, IndexConfig(index_type="ivfpq", pq_m=m), embedder=cached, progress=False)
+        with Retriever.load(out, embedder=cached) as r:
+            hits = r.search_vectors(qvecs, k)
+            all_rows = sorted({x for h in hits for x, _ in h})
+            by_row = dict(zip(all_rows, r.store.ids_of_rows(all_rows)))
+        ids = [[by_row[x] for x, _ in h] for h in hits]
+        sweeps.setdefault("ivfpq_pq_m", []).append({
+            "pq_m": m, "index_params": res.manifest.index_params, "build_s_without_embedding": round(res.seconds, 2),
+            f"recall@{k}_vs_flat": round(overlap_at_k([[x for x, _ in h] for h in hits], exact_rows, k), 4),
+            f"answer_recall@{k}": round(answer_recall([[text_of[d] for d in r] for r in ids], answers, k), 4),
+            **index_bytes(out / "index.faiss", n)})
     bm25_dir = workdir / "bm25" / "bm25"
     rows["bm25"]["bytes_per_passage"] = round(sum(f.stat().st_size for f in bm25_dir.iterdir()) / n, 1)
     rows["bm25"]["docstore_bytes_per_passage"] = round((workdir / "bm25" / "docs.sqlite").stat().st_size / n, 1)
@@ -170,22 +223,30 @@ def markdown(res: dict) -> str:
         f"{res['embedding']['questions_per_s']:,.0f} questions/s.",
         "",
         f"| index | build (passages/s) | index only (passages/s) | search batch (q/s) | search 1 query (ms) "
-        f"| end-to-end (q/s) | recall@1 vs flat | recall@{k} vs flat | gold recall@1 | gold recall@5 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| end-to-end (q/s) | recall@1 vs flat | recall@{k} vs flat | gold recall@1 | gold recall@5 "
+        f"| answer recall@{k} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in TYPES:
         r = res["indexes"][t]
-        params = ", ".join(f"{a}={b}" for a, b in r["index_params"].items() if a != "train_size")
+        params = ", ".join(f"{a}={b}" for a, b in r["index_params"].items() if a not in ("train_size", "factory"))
         name = f"{t} ({params})" if params else t
         lines.append(f"| {name} | {r['build_passages_per_s']:,.0f} | {r['index_only_passages_per_s']:,.0f} "
                      f"| {r['search_batch_qps']:,.0f} | {r['search_single_ms']:.3f} | {r['end_to_end_qps']:,.0f} "
                      f"| {r['recall@1_vs_flat']:.3f} | {r[f'recall@{k}_vs_flat']:.3f} "
-                     f"| {r['gold_recall@1']:.3f} | {r['gold_recall@5']:.3f} |")
+                     f"| {r['gold_recall@1']:.3f} | {r['gold_recall@5']:.3f} | {r.get(f'answer_recall@{k}', 0):.3f} |")
     for t in ("bm25", "hybrid"):
         r = res["indexes"][t]
         name = "bm25 (bm25s, k1=1.2, b=0.75)" if t == "bm25" else "hybrid (flat + bm25, RRF)"
         lines.append(f"| {name} | | | | | {r['end_to_end_qps']:,.0f} | | | {r['gold_recall@1']:.3f} "
-                     f"| {r['gold_recall@5']:.3f} |")
+                     f"| {r['gold_recall@5']:.3f} | |")
+    lines += ["", "| index | bytes per passage (this pool) | bytes per added passage | fixed bytes | "
+              f"index at {DPR_PASSAGES:,} passages |", "|---|---|---|---|---|"]
+    for t in TYPES:
+        r = res["indexes"][t]
+        if "index_marginal_bytes_per_passage" in r:
+            lines.append(f"| {t} | {r['index_bytes_per_passage']:,.0f} | {r['index_marginal_bytes_per_passage']:,.0f} "
+                         f"| {r['index_fixed_bytes']:,} | {r['index_gib_at_21m']:.1f} GiB |")
     b = res["indexes"]["bm25"]
     if "bytes_per_passage" in b:
         lines += ["", "Bytes per passage on disk: " + ", ".join(
@@ -193,15 +254,24 @@ def markdown(res: dict) -> str:
             + f", bm25 {b['bytes_per_passage']:,.0f} (matrix memory-mapped at load: {b['matrix_memory_mapped']}); "
             f"the doc store adds {b['docstore_bytes_per_passage']:,.0f} for every type. BM25 build (tokenise + "
             f"index, no embedding): {b['build_s_without_embedding']:.2f} s."]
-    for t, knob in (("ivf", "nprobe"), ("hnsw", "ef_search")):
-        sweep = res["sweeps"][t]
+    pq = res["sweeps"].get("ivfpq_pq_m", [])
+    if pq:
+        lines += ["", "ivfpq pq_m sweep (default nlist/nprobe): " + ", ".join(
+            f"m={row['pq_m']}: {row['index_marginal_bytes_per_passage']:,.0f} B/passage, recall@{k} vs flat "
+            f"{row[f'recall@{k}_vs_flat']:.3f}, answer recall@{k} {row[f'answer_recall@{k}']:.3f}" for row in pq)]
+    for t, knob in (("ivf", "nprobe"), ("hnsw", "ef_search"), ("ivfpq", "nprobe")):
+        sweep = res["sweeps"].get(t, [])
+        if not sweep:
+            continue
         lines += ["", f"{t} {knob} sweep: " + ", ".join(
             f"{row[knob]}: recall@{k} {row[f'recall@{k}_vs_flat']:.3f} at {row['search_batch_qps']:,.0f} q/s"
             for row in sweep)]
     lines += ["", "build = whole `build_index` (read, doc store, embed, FAISS, manifest); index only = the same "
               "without embedding time; search = FAISS on pre-embedded questions; end-to-end = embed the "
               "questions + search (bm25/hybrid: `Retriever.search`). recall vs flat = share of the exact top-k "
-              "returned; gold recall = the question's own passage in the top 1 / 5.", ""]
+              "returned; gold recall = the question's own passage in the top 1 / 5; answer recall = an answer "
+              "string in one of the top-k passages. Bytes per added passage = (file - the same index emptied) / N, "
+              "the part that grows with the corpus; fixed = the emptied index (ivf centroids, PQ codebooks).", ""]
     return "\n".join(lines)
 
 

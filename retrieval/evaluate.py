@@ -14,13 +14,14 @@ from prag.io import atomic_write_jsonl, iter_jsonl
 class PooledQA:
     question: str
     gold_id: str
+    answers: tuple[str, ...] = ()
 
 
 def pool_oracle_passages(path: str | Path) -> tuple[list[dict], list[PooledQA]]:
     """Pool the unique gold passages (``ctxs[0]``) of an NQ-open oracle file into a corpus.
 
     Returns corpus records ``{id, title, text}`` (ids ``nq-<n>`` in first-seen order) and, per
-    question, the id of its gold passage. Identical (title, text) pairs share one document.
+    question, the id of its gold passage and its answers. Identical (title, text) pairs share one document.
     """
     docs: list[dict] = []
     ids: dict[tuple[str, str], str] = {}
@@ -32,10 +33,11 @@ def pool_oracle_passages(path: str | Path) -> tuple[list[dict], list[PooledQA]]:
             question = rec["question"]
         except (KeyError, IndexError, TypeError, AttributeError):
             raise PragError(f"{path}:{lineno}: expected 'question' and 'ctxs[0].text'") from None
+        answers = rec.get("answers") or []
         if key not in ids:
             ids[key] = f"nq-{len(docs)}"
             docs.append({"id": ids[key], "title": key[0], "text": key[1]})
-        qas.append(PooledQA(question, ids[key]))
+        qas.append(PooledQA(question, ids[key], tuple(a for a in answers if isinstance(a, str))))
     return docs, qas
 
 
