@@ -210,7 +210,7 @@ def index_from_json(path: Path) -> dict:
     """Bytes per passage per index type and the embedding rate from ``benchmarks/retrieval.py``'s results.json."""
     res = read_json(path, "retrieval benchmark results")
     indexes = _need(res, path, "indexes")
-    types = {t: {"bytes_per_passage": float(row["index_bytes_per_passage"])}
+    types = {t: {"bytes_per_passage": float(row["index_bytes_per_passage"]), "params": row.get("index_params", {})}
              for t, row in indexes.items() if isinstance(row, dict) and "index_bytes_per_passage" in row}
     if not types:
         raise PragError(f"{path}: no index type has index_bytes_per_passage (rerun benchmarks/retrieval.py)")
@@ -250,12 +250,14 @@ def measure_index(data: Path, workdir: Path, limit: int | None) -> dict:
     docstore: dict[str, int] = {}
     bm25: dict[str, int] = {}
     for t in INDEX_TYPES:
-        sizes = {}
+        sizes, params = {}, {}
         try:
-            for label, corpus in corpora.items():
-                out = workdir / f"index-{t}-{label}"
-                build_index(corpus, out, IndexConfig(index_type=t, bm25=(t == "flat")), embedder=cached,
-                            progress=False)
+            for label, corpus in corpora.items():  # full first: the half build reuses its parameters, so the
+                out = workdir / f"index-{t}-{label}"  # difference is per-passage bytes, not fewer IVF lists
+                same = {k: params["full"][k] for k in ("nlist", "pq_m", "pq_bits") if k in params.get("full", {})}
+                built = build_index(corpus, out, IndexConfig(index_type=t, bm25=(t == "flat"), **same),
+                                    embedder=cached, progress=False)
+                params[label] = {k: v for k, v in built.manifest.index_params.items() if not k.startswith("bm25")}
                 sizes[label] = (out / FAISS_FILE).stat().st_size
                 if t == "flat":
                     docstore[label] = (out / DOCSTORE_FILE).stat().st_size
@@ -265,7 +267,8 @@ def measure_index(data: Path, workdir: Path, limit: int | None) -> dict:
             continue
         n, m = len(docs), len(half)
         types[t] = {"bytes_per_passage": sizes["full"] / n,
-                    "marginal_bytes_per_passage": (sizes["full"] - sizes["half"]) / (n - m)}
+                    "marginal_bytes_per_passage": (sizes["full"] - sizes["half"]) / (n - m),
+                    "params": params["full"], "params_half": params["half"]}
 
     def marginal(d: dict) -> float:
         return (d["full"] - d["half"]) / (len(docs) - len(half))
@@ -384,15 +387,17 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {t} | skipped: {row['skipped']} | | |")
                 continue
             q = plan["index"][t]
-            lines.append(f"| {t} | {row['bytes_per_passage']:,.1f} | {q['bytes_per_passage']:,.1f} | "
-                         f"{_b(q['bytes'])} |")
+            shown = ", ".join(f"{k}={v}" for k, v in row.get("params", {}).items() if k in ("M", "nlist", "pq_m",
+                                                                                             "pq_bits"))
+            lines.append(f"| {t}{f' ({shown})' if shown else ''} | {row['bytes_per_passage']:,.1f} | "
+                         f"{q['bytes_per_passage']:,.1f} | {_b(q['bytes'])} |")
         for key, label in (("docstore", "doc store (docs.sqlite, every type)"), ("bm25", "BM25 (bm25s)")):
             if key in plan:
                 lines.append(f"| {label} | {ix.get(f'{key}_bytes_per_passage') or 0:,.1f} | "
                              f"{plan[key]['bytes_per_passage']:,.1f} | {_b(plan[key]['bytes'])} |")
         if any("marginal_bytes_per_passage" in r for r in ix["types"].values()):
-            lines.append("\n'used' = marginal bytes per passage between the half and the full build (fixed parts "
-                         "such as IVF centroids do not grow with the corpus).")
+            lines.append("\n'used' = marginal bytes per passage between the full build and a half build with the "
+                         "same parameters (fixed parts such as IVF centroids and PQ codebooks cancel out).")
     g = res["gpu_hours"]
     e = g["encode"]
     lines += ["", f"Compute for {p:,} passages:",
