@@ -182,8 +182,9 @@ def _quiet_ray_data() -> None:
     if not is_verbose():
         logger = logging.getLogger("ray.data")
         logger.setLevel(logging.WARNING)
-        if not any(isinstance(f, _DropProgressBarNote) for f in logger.filters):
-            logger.addFilter(_DropProgressBarNote())
+        for handler in logger.handlers:  # the note comes from a child logger: a logger's own filter would miss it
+            if not any(isinstance(f, _DropProgressBarNote) for f in handler.filters):
+                handler.addFilter(_DropProgressBarNote())
 
 
 def build_index_ray(corpus: str | Path, out: str | Path, cfg: IndexConfig | None, ray_opts: RayIndexOptions,
