@@ -48,6 +48,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-handover", choices=["auto", "memory", "dir"], default="auto",
                    help="how merged adapters reach vLLM: memory (no files; needs vLLM's worker in this process), "
                         "dir (a PEFT folder on tmpfs), auto (memory where possible, default)")
+    p.add_argument("--driver", choices=["auto", "llm", "async"], default="auto",
+                   help="what drives vLLM: llm (one thread steps a vllm.LLM; the engine core in this process), "
+                        "async (vLLM's AsyncLLM, engine core in its own process), auto (llm where the engine core "
+                        "runs in this process, the CPU default; async elsewhere)")
     p.add_argument("--engine-arg", action="append", type=_engine_arg, default=[], metavar="KEY=VALUE",
                    help="any other vllm.LLM argument, e.g. --engine-arg enforce_eager=true (repeatable)")
 
@@ -67,7 +71,7 @@ def engine_config(args: argparse.Namespace):
         max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=args.gpu_memory_utilization, in_process=args.in_process,
         engine_args=dict(args.engine_arg), on_missing_adapter=args.on_missing_adapter,
-        adapter_handover=args.adapter_handover,
+        adapter_handover=args.adapter_handover, driver=args.driver,
         adapter_dir=args.adapter_dir, adapter_cache_bytes=args.adapter_cache_mb << 20)
 
 
