@@ -49,7 +49,8 @@ def test_computed_bytes_per_doc_equal_the_encoded_stores_shards(encoded, tiny_mo
     plan = sizing.store_plan(m.row_bytes, overhead, m.docs, 3, m.fixed_bytes)
     on_disk = sum(p.stat().st_size for p in (tmp_path / "s").rglob("*") if p.is_file() and p.name != ".writer.lock")
     assert plan["bytes"] == pytest.approx(on_disk, abs=1e-6)
-    assert plan["shard_files"] == 3 and m.shard_bytes == [size for _, _, size in _shards(tmp_path / "s")]
+    assert plan["shard_files"] == 3  # shard file names are random: compare the sizes as a multiset
+    assert sorted(m.shard_bytes) == sorted(size for _, _, size in _shards(tmp_path / "s"))
 
 
 @pytest.mark.parametrize("name", ["llama-1b", "llama-8b"])
