@@ -307,7 +307,8 @@ def register_run(sub) -> None:
     p.add_argument("config", metavar="CONFIG.yaml", help="the run config (see configs/ and the README)")
     p.add_argument("--ray-address", metavar="ADDR",
                    help="run the stages that support Ray on this cluster (host:port, ray://..., auto or local): "
-                        "today augment and encode; index, select and eval still run on this machine")
+                        "index build, augment, encode and eval (the engine actors of prag eval --ray-address); select runs "
+                        "on this machine")
     p.add_argument("--run-dir", help="override the config's run_dir")
     p.add_argument("--redo", metavar="STAGE[,STAGE]",
                    help=f"rebuild these stages and every later one, deleting their previous output in the run "

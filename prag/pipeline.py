@@ -594,7 +594,7 @@ def run_pipeline(cfg: RunConfig, ray_address: str | None = None, *, redo: Sequen
                  progress: bool = True, llm: Any = None) -> RunSummary:
     """Run (or resume) every stage of ``cfg`` into ``cfg.run_dir``; see the module docstring.
 
-    ``ray_address`` goes to the stages that take one (augment, encode); index, select and eval run
+    ``ray_address`` goes to the stages that run on Ray (index build, augment, encode, eval); select runs
     here. ``llm``: an existing ``vllm.LLM`` for the eval stage (tests share one); else eval starts its own.
     """
     started = time.perf_counter()
@@ -662,6 +662,11 @@ def _stages(cfg: RunConfig, run: _Run, ray_address: str | None, llm: Any) -> dic
         index_dir = d / "index"
 
         def build() -> str:
+            if ray_address:
+                from retrieval.build_ray import RayIndexOptions, build_index_ray
+
+                return build_index_ray(cfg.corpus, index_dir, cfg.index.build, RayIndexOptions(address=ray_address),
+                                       progress=run.progress, overwrite=True).summary()
             from retrieval.index import build_index
 
             return build_index(cfg.corpus, index_dir, cfg.index.build, progress=run.progress, overwrite=True).summary()
@@ -745,7 +750,11 @@ def _stages(cfg: RunConfig, run: _Run, ray_address: str | None, llm: Any) -> dic
                           progress=run.progress)
 
     def run_eval() -> str:
-        if llm is None:
+        if llm is None and ray_address:
+            from engine.cluster.eval import RayEvalConfig, evaluate_on_ray
+
+            res = evaluate_on_ray(eval_cfg, RayEvalConfig(address=ray_address))
+        elif llm is None:
             res = evaluate(eval_cfg)
         else:
             from engine.engine import Engine
