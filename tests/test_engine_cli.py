@@ -45,7 +45,7 @@ def test_unknown_dataset_lists_valid_names(tmp_path, capsys):
 
 def test_serve_rejects_a_bad_port_before_loading_anything(capsys):
     assert main(["serve", "--model", "no-such-model", "--port", "0"]) == 2
-    assert "--port must be between 1 and 65535" in capsys.readouterr().err
+    assert "port must be between 1 and 65535, got 0" in capsys.readouterr().err
 
 
 def test_prepare_threads_default_to_one_on_a_cpu(monkeypatch):

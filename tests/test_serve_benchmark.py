@@ -13,7 +13,8 @@ def test_serve_benchmark_writes_json_table_and_chart(tmp_path):
 
     out = tmp_path / "serve"
     result = main(["--out", str(out), "--size", "tiny", "--n", "4", "--corpus-size", "12", "--reference-n", "2",
-                   "--dtype", "float32", "--max-loras", "4", "--repeats", "2"])
+                   "--dtype", "float32", "--max-loras", "4", "--repeats", "2",
+                   "--no-compare-driver"])  # the AsyncLLM driver has its own tests (test_driver.py)
     modes = result["modes"]
     # the other hand-over is timed beside the main one when vLLM's worker is in this process (memory
     # possible); in a test session that already holds an in-process engine, this one runs out of process
