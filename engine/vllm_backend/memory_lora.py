@@ -137,6 +137,15 @@ class MemoryAdapter:
     flat: torch.Tensor
     rank: int  # the merged rank (k * r); the buffer is padded to the plan's max_rank
     plan: SlotPlan
+    _views: list = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # made where the adapter is built (the adapter thread), not in vLLM's step, where the LoRAModel is
+        # built from them: 48 views per adapter of the serving benchmark
+        parts = self.flat.split([n for seg in self.plan.segments
+                                 for n in (seg.a_shape[0] * seg.a_shape[1], seg.b_shape[0] * seg.b_shape[1])])
+        self._views = [(parts[2 * i].view(seg.a_shape), parts[2 * i + 1].view(seg.b_shape))
+                       for i, seg in enumerate(self.plan.segments)]
 
     @property
     def nbytes(self) -> int:
@@ -144,12 +153,7 @@ class MemoryAdapter:
 
     def views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(A [R, in], B [out, R]) per plan segment, views into ``flat``."""
-        out, at = [], 0
-        for seg in self.plan.segments:
-            na, nb = seg.a_shape[0] * seg.a_shape[1], seg.b_shape[0] * seg.b_shape[1]
-            out.append((self.flat[at:at + na].view(seg.a_shape), self.flat[at + na:at + na + nb].view(seg.b_shape)))
-            at += na + nb
-        return out
+        return self._views
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The merged adapter in the project's key convention, unpadded (for checks and tests)."""

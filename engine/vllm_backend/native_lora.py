@@ -179,8 +179,10 @@ class NativeLoRA:
         rc = self._merge_fn(out.data_ptr(), _DTYPE_CODES[out.dtype], rows.data_ptr(), _DTYPE_CODES[rows.dtype],
                             rows.shape[0], rows.shape[1], max_rank, n, arr(a_off), arr(b_off), arr(ranks),
                             arr(d_in), arr(d_out), (ctypes.c_float * n)(*scales))
-        if rc != 0:
+        if rc == 2:
             raise ValueError(f"{rows.shape[0]} documents x rank {max(ranks)} exceed max_rank {max_rank}")
+        if rc != 0:
+            raise RuntimeError(f"prag_slot_merge: {_ERRORS.get(rc, rc)}")
 
     def live_ranks(self, bt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out[s]`` = 1 + the last row of ``bt[s]`` ([L, R, width], unit last stride) holding a nonzero bit

@@ -389,15 +389,22 @@ static inline void put(void *out, int dt, i64 i, float v) {
         ((uint16_t *)out)[i] = f32_to_bf16(v);
 }
 
+#define MERGE_TILE 64 /* B rows per fp32 tile in prag_slot_merge */
+
 /* One merge for constant dtypes (inlined per combination, so the loops carry no dtype branches). */
 static inline __attribute__((always_inline)) int slot_merge_impl(
     char *out, const int out_dt, const char *rows, const int src_dt, i64 k, i64 row_len, i64 R, i64 n_seg,
     const i64 *a_off, const i64 *b_off, const i64 *r, const i64 *d_in, const i64 *d_out, const float *scale) {
     const i64 os = dt_size(out_dt), ss = dt_size(src_dt);
+    float *tile = (float *)malloc((size_t)(MERGE_TILE * R) * sizeof(float));
+    if (tile == NULL) return 3;
     i64 at = 0; /* elements of out written so far */
     for (i64 g = 0; g < n_seg; g++) {
         const i64 rg = r[g], n = d_in[g], m = d_out[g], live = k * rg;
-        if (live > R) return 2;
+        if (live > R) {
+            free(tile);
+            return 2;
+        }
         const vf sv = (vf){0} + scale[g];
         for (i64 d = 0; d < k; d++)
             for (i64 i = 0; i < rg; i++) {
@@ -409,15 +416,26 @@ static inline __attribute__((always_inline)) int slot_merge_impl(
             }
         memset(out + (at + live * n) * os, 0, (size_t)((R - live) * n * os)); /* +0.0 in both dtypes */
         at += R * n;
-        for (i64 o = 0; o < m; o++) {
-            for (i64 d = 0; d < k; d++) {
-                const char *src = rows + (d * row_len + b_off[g] + o * rg) * ss;
-                for (i64 i = 0; i < rg; i++) put(out, out_dt, at + o * R + d * rg + i, src_at(src, src_dt, i));
+        /* B rows gather k short runs each: assembled in fp32 a tile of MERGE_TILE rows at a time, then
+         * rounded with the vector store (the scalar rounding was most of the merge) */
+        for (i64 o0 = 0; o0 < m; o0 += MERGE_TILE) {
+            const i64 nr = m - o0 < MERGE_TILE ? m - o0 : MERGE_TILE;
+            for (i64 o = 0; o < nr; o++) {
+                float *t = tile + o * R;
+                for (i64 d = 0; d < k; d++) {
+                    const char *src = rows + (d * row_len + b_off[g] + (o0 + o) * rg) * ss;
+                    for (i64 i = 0; i < rg; i++) t[d * rg + i] = src_at(src, src_dt, i);
+                }
+                for (i64 j = live; j < R; j++) t[j] = 0.0f;
             }
-            for (i64 j = live; j < R; j++) put(out, out_dt, at + o * R + j, 0.0f);
+            char *dst = out + (at + o0 * R) * os;
+            const i64 cnt = nr * R, cv = cnt - cnt % VL;
+            for (i64 c = 0; c < cv; c += VL) store_y(dst, out_dt, c, load_w((const char *)tile, 0, c));
+            for (i64 c = cv; c < cnt; c++) put(dst, out_dt, c, tile[c]);
         }
         at += m * R;
     }
+    free(tile);
     return 0;
 }
 
@@ -426,7 +444,8 @@ static inline __attribute__((always_inline)) int slot_merge_impl(
  *   A[d*r + i, :] = scale[g] * rows[d][a_off + i*d_in : + d_in],   B[o, d*r + i] = rows[d][b_off + o*r + i],
  * for documents d < k and ranks i < r, zero past k*r. The product is fp32 and rounded once to out_dt, as
  * memory_lora.SlotMerge's torch ops do (gather, multiply, cast); one pass, single-threaded (it runs on the
- * adapter thread beside the model's threads). Returns 0, or 2 when k*r exceeds R for a segment. */
+ * adapter thread beside the model's threads). Returns 0, 2 when k*r exceeds R for a segment, 3 when the
+ * scratch tile cannot be allocated. */
 int prag_slot_merge(void *out, int out_dt, const void *rows, int src_dt, i64 k, i64 row_len, i64 R, i64 n_seg,
                     const i64 *a_off, const i64 *b_off, const i64 *r, const i64 *d_in, const i64 *d_out,
                     const float *scale) {
