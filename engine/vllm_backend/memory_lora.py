@@ -200,11 +200,13 @@ class SlotMerge:
         # fighting the model's threads for the two cores
         from engine.vllm_backend import native_lora
 
-        self._native = native_lora.load() if native_lora.supports(plan.dtype) else None
-        self._segments = [(offsets[f"{s.key}.lora_A"], offsets[f"{s.key}.lora_B"], shapes[f"{s.key}.lora_A"][0],
-                           shapes[f"{s.key}.lora_A"][1], shapes[f"{s.key}.lora_B"][0]) for s in plan.segments]
-        self._scales = [alpha / seg[2] for seg in self._segments]  # A's alpha/r, rounded to fp32 as torch.full
-        self._columns = tuple(zip(*self._segments))  # a_off, b_off, ranks, d_in, d_out
+        native = native_lora.load() if native_lora.supports(plan.dtype) else None
+        segments = [(offsets[f"{s.key}.lora_A"], offsets[f"{s.key}.lora_B"], shapes[f"{s.key}.lora_A"][0],
+                     shapes[f"{s.key}.lora_A"][1], shapes[f"{s.key}.lora_B"][0]) for s in plan.segments]
+        a_off, b_off, ranks, d_in, d_out = zip(*segments) if segments else ((),) * 5
+        # A's alpha/r, rounded to fp32 as torch.full does above
+        self._native = native.prepare_merge(plan.max_rank, a_off, b_off, ranks, d_in, d_out,
+                                            [alpha / r for r in ranks]) if native is not None and segments else None
 
     def __call__(self, rows: torch.Tensor) -> MemoryAdapter:
         if tuple(rows.shape) != (self.k, self.params_per_doc):
@@ -213,7 +215,7 @@ class SlotMerge:
             if rows.dtype not in (torch.float32, torch.bfloat16) or not rows.is_contiguous():
                 rows = rows.to(torch.float32).contiguous()  # exact, as the cast below
             flat = torch.empty(self.index.numel(), dtype=self.plan.dtype)
-            self._native.slot_merge(flat, rows, self.plan.max_rank, *self._columns, self._scales)
+            self._native(flat, rows)
             return MemoryAdapter(flat=flat, rank=self.rank, plan=self.plan)
         src = torch.empty(self.k * self.params_per_doc + 1, dtype=torch.float32)
         src[:-1].view(self.k, self.params_per_doc).copy_(rows)  # the cast to fp32, as RowMerge does

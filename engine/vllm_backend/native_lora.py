@@ -37,7 +37,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11",
           *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()))
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _I64 = ctypes.c_int64
-_ERRORS = {1: "unsupported dtype", 2: "rank above the kernel's limit (512)", 3: "out of memory for scratch rows"}
+_ERRORS = {1: "unsupported dtype", 2: "rank above the kernel's limit (512)", 3: "out of memory for scratch memory"}
 
 
 def supports(dtype: torch.dtype) -> bool:
@@ -154,35 +154,17 @@ class NativeLoRA:
                     raise ValueError(f"live[{k}]: needs a contiguous CPU int64 tensor with one entry per slot")
         return PreparedLoRA(self._fn, lora_as, lora_bts, offsets, widths, live, _DTYPE_CODES[w_dtypes.pop()])
 
-    def slot_merge(self, out: torch.Tensor, rows: torch.Tensor, max_rank: int, a_off: Sequence[int],
-                   b_off: Sequence[int], ranks: Sequence[int], d_in: Sequence[int], d_out: Sequence[int],
-                   scales: Sequence[float]) -> None:
-        """Cat-merge of the store ``rows`` [k, P] into ``out`` in vLLM's padded slot layout (one segment per
-        store module: A [max_rank, d_in] scaled, then B [d_out, max_rank]); see ``prag_slot_merge``."""
+    def prepare_merge(self, max_rank: int, a_off: Sequence[int], b_off: Sequence[int], ranks: Sequence[int],
+                      d_in: Sequence[int], d_out: Sequence[int], scales: Sequence[float]) -> "PreparedMerge":
+        """The cat-merge of k store rows into vLLM's padded slot layout, one segment per store module (A
+        [max_rank, d_in] scaled by its alpha/r, then B [d_out, max_rank]; see ``prag_slot_merge``), with the
+        layout checked and converted once: the adapter thread calls it for every cold adapter."""
         n = len(a_off)
-        if not (n == len(b_off) == len(ranks) == len(d_in) == len(d_out) == len(scales)):
+        if not (n == len(b_off) == len(ranks) == len(d_in) == len(d_out) == len(scales)) or n == 0:
             raise ValueError("a_off, b_off, ranks, d_in, d_out and scales must have one entry per segment")
-        for name, t in (("out", out), ("rows", rows)):
-            if t.dtype not in _DTYPE_CODES or not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError(f"{name}: needs a contiguous CPU float32/bfloat16 tensor, got {t.dtype} on {t.device}")
-        if rows.dim() != 2:
-            raise ValueError(f"rows: needs [k, P], got shape {tuple(rows.shape)}")
-        need = sum(max_rank * a + b * max_rank for a, b in zip(d_in, d_out))
-        if out.numel() != need:
-            raise ValueError(f"out: needs {need} elements for this layout, got {out.numel()}")
-        ends = [o + r * w for o, r, w in zip(a_off, ranks, d_in)] + [o + w * r for o, r, w in zip(b_off, ranks, d_out)]
-        if min((*a_off, *b_off), default=0) < 0 or max(ends, default=0) > rows.shape[1]:
-            raise ValueError(f"segments reach past a row of {rows.shape[1]} values")
-
-        def arr(values: Sequence[int]) -> ctypes.Array:
-            return (_I64 * n)(*values)
-        rc = self._merge_fn(out.data_ptr(), _DTYPE_CODES[out.dtype], rows.data_ptr(), _DTYPE_CODES[rows.dtype],
-                            rows.shape[0], rows.shape[1], max_rank, n, arr(a_off), arr(b_off), arr(ranks),
-                            arr(d_in), arr(d_out), (ctypes.c_float * n)(*scales))
-        if rc == 2:
-            raise ValueError(f"{rows.shape[0]} documents x rank {max(ranks)} exceed max_rank {max_rank}")
-        if rc != 0:
-            raise RuntimeError(f"prag_slot_merge: {_ERRORS.get(rc, rc)}")
+        if min((*a_off, *b_off)) < 0 or min((*ranks, *d_in, *d_out)) <= 0:
+            raise ValueError("segment offsets must be >= 0 and ranks and widths > 0")
+        return PreparedMerge(self._merge_fn, max_rank, a_off, b_off, ranks, d_in, d_out, scales)
 
     def live_ranks(self, bt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out[s]`` = 1 + the last row of ``bt[s]`` ([L, R, width], unit last stride) holding a nonzero bit
@@ -239,6 +221,38 @@ class PreparedLoRA:
                       torch.get_num_threads())  # torch's own intra-op count, not OpenMP's per-thread default
         if rc != 0:
             raise RuntimeError(f"prag_lora_linear: {_ERRORS.get(rc, rc)}")
+
+
+class PreparedMerge:
+    """:meth:`NativeLoRA.prepare_merge`'s call: ``merge(out, rows)`` writes the merge of ``rows`` [k, P]
+    (float32/bfloat16, contiguous) into ``out`` (float32/bfloat16, contiguous, :attr:`numel` values)."""
+
+    def __init__(self, fn, max_rank: int, a_off, b_off, ranks, d_in, d_out, scales):
+        n = len(a_off)
+
+        def arr(values: Sequence[int]) -> ctypes.Array:
+            return (_I64 * n)(*values)
+        self._fn, self.max_rank, self.max_rank_used = fn, max_rank, max(ranks)
+        self.numel = sum(max_rank * a + b * max_rank for a, b in zip(d_in, d_out))
+        self.row_len_needed = max([o + r * w for o, r, w in zip(a_off, ranks, d_in)]
+                                  + [o + w * r for o, r, w in zip(b_off, ranks, d_out)])
+        self._args = (max_rank, n, arr(a_off), arr(b_off), arr(ranks), arr(d_in), arr(d_out),
+                      (ctypes.c_float * n)(*scales))
+
+    def __call__(self, out: torch.Tensor, rows: torch.Tensor) -> None:
+        for name, t in (("out", out), ("rows", rows)):
+            if t.dtype not in _DTYPE_CODES or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"{name}: needs a contiguous CPU float32/bfloat16 tensor, got {t.dtype} on {t.device}")
+        if rows.dim() != 2 or rows.shape[1] < self.row_len_needed:
+            raise ValueError(f"rows: needs [k, >= {self.row_len_needed}], got shape {tuple(rows.shape)}")
+        if out.numel() != self.numel:
+            raise ValueError(f"out: needs {self.numel} elements for this layout, got {out.numel()}")
+        rc = self._fn(out.data_ptr(), _DTYPE_CODES[out.dtype], rows.data_ptr(), _DTYPE_CODES[rows.dtype],
+                      rows.shape[0], rows.shape[1], *self._args)
+        if rc == 2:
+            raise ValueError(f"{rows.shape[0]} documents x rank {self.max_rank_used} exceed max_rank {self.max_rank}")
+        if rc != 0:
+            raise RuntimeError(f"prag_slot_merge: {_ERRORS.get(rc, rc)}")
 
 
 _lock = threading.Lock()

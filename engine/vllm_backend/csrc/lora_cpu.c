@@ -366,7 +366,19 @@ void prag_fill_slot(int n, int w_dt, i64 R, const void *const *a_src, void *cons
         if (es == 2) {
             const uint16_t *b = (const uint16_t *)b_src[k];
             uint16_t *t = (uint16_t *)bt_dst[k];
-            for (i64 o = 0; o < w; o++)
+            i64 o = 0;
+#ifdef __AVX512BW__
+            if (R == 8) { /* bf16, rank 8 (vLLM's smallest max_lora_rank): 4 outputs x 8 ranks per permute */
+                const __m512i perm = _mm512_set_epi16(31, 23, 15, 7, 30, 22, 14, 6, 29, 21, 13, 5, 28, 20, 12, 4,
+                                                      27, 19, 11, 3, 26, 18, 10, 2, 25, 17, 9, 1, 24, 16, 8, 0);
+                for (; o + 4 <= w; o += 4) {
+                    uint64_t rows[8]; /* rank j: outputs o..o+3 */
+                    _mm512_storeu_si512(rows, _mm512_permutexvar_epi16(perm, _mm512_loadu_si512(b + o * 8)));
+                    for (int j = 0; j < 8; j++) memcpy(t + j * w + o, &rows[j], sizeof rows[j]);
+                }
+            }
+#endif
+            for (; o < w; o++)
                 for (i64 j = 0; j < R; j++) t[j * w + o] = b[o * R + j];
         } else {
             const uint32_t *b = (const uint32_t *)b_src[k];
