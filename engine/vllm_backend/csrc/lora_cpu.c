@@ -21,7 +21,15 @@
  *
  * bf16 activations and weights on a CPU with AVX512-BF16 take the shrink straight from the bf16 rows
  * with VDPBF16PS (exact bf16 products, fp32 sums, 32 elements per instruction, several adapter rows per
- * pass over x); only the order of the fp32 sums differs from the generic path.
+ * pass over x); the order of the fp32 sums differs from the generic path, and the instruction reads bf16
+ * denormals (below 1.2e-38) as zero. The fp32 path, which the token-identity tests use, is unchanged.
+ *
+ * Decode (every token its own adapter, read from memory, ~70 KB per token and layer for the serving
+ * benchmark's model) prefetches the next token's adapter rows while the current token computes.
+ *
+ * Also here, for the memory hand-over (engine/vllm_backend/memory_lora.py): prag_slot_merge (the
+ * cat-merge of store rows into vLLM's padded slot layout, on the adapter thread) and prag_fill_slot (one
+ * adapter into a slot of vLLM's stacked tensors and of the transposed B this kernel reads).
  */
 #include <stdint.h>
 #include <stdlib.h>
