@@ -84,6 +84,14 @@ def test_replicas_answer_like_batch_evaluation(client, batch_answers):
     assert len(chunks) > 1 and "".join(chunks) == want.text and prag["doc_ids"] == want.doc_ids
 
 
+def test_metrics_carry_every_replicas_vllm_metrics(client, server, batch_answers):
+    m = server.metrics()
+    tokens = {k: v for k, v in m.items() if k.startswith("vllm:generation_tokens_total{")}
+    replicas = {k.split('replica="')[1].split('"')[0] for k in tokens}
+    assert len(replicas) == 2 and sum(tokens.values()) > 0
+    assert m["prag_requests_total{mode=\"prag\",status=\"200\"}"] >= len(batch_answers["prag"]) + 1
+
+
 def test_requests_for_a_document_set_land_on_the_replica_that_holds_it(client):
     sets = [[f"d{i}", f"d{i + 1}"] for i in range(10, 22, 2)]
     holder = {}

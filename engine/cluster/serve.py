@@ -94,6 +94,12 @@ def _generator_class(adapters_per_replica: int):
             return {"replica": self.replica, "pid": os.getpid(), "hits": s.hits, "misses": s.misses,
                     "entries": s.entries, "in_flight": self.engine.in_flight}
 
+        def metrics_text(self) -> tuple[str, str]:
+            """(replica, this replica's vLLM metrics in Prometheus text)."""
+            from prometheus_client import REGISTRY, generate_latest
+
+            return self.replica, generate_latest(REGISTRY).decode()
+
         @serve.multiplexed(max_num_models_per_replica=adapters_per_replica)
         async def _hold(self, key: str) -> str:
             # Serve records that this replica holds `key`; the merged adapter itself is built (and kept,
@@ -186,6 +192,7 @@ class ReplicatedEngine:
         self._in_flight = 0
         self._closed = False
         self.cache = self.driver = _Counts()
+        self.metric_families: list = []  # the replicas' vLLM metrics, refreshed by refresh_metrics()
 
     # -- the engine surface the HTTP app uses -----------------------------------------------------
     @property
@@ -268,6 +275,28 @@ class ReplicatedEngine:
             if isinstance(event, Finished):
                 answer = event.answer
         return answer
+
+    async def refresh_metrics(self) -> None:
+        """Gather every replica's ``vllm:`` metrics, each sample labelled with its ``replica`` (GET /metrics).
+        Calls go through Serve's router, so ask until each replica answered (a bounded number of times)."""
+        from prometheus_client import Metric
+        from prometheus_client.parser import text_string_to_metric_families
+
+        texts: dict[str, str] = {}
+        for _ in range(4 * self.replica_config.replicas):
+            replica, text = await self.handle.metrics_text.remote()
+            texts[replica] = text
+            if len(texts) >= self.replica_config.replicas:
+                break
+        merged: dict[str, Metric] = {}
+        for replica, text in sorted(texts.items()):
+            for fam in text_string_to_metric_families(text):
+                if not fam.name.startswith("vllm:"):
+                    continue
+                out = merged.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+                for sample in fam.samples:
+                    out.add_sample(sample.name, {**sample.labels, "replica": replica}, sample.value)
+        self.metric_families = list(merged.values())
 
     def replica_stats(self, calls: int = 64) -> dict[str, dict]:
         """Per-replica cache counters, by asking until every replica answered (routing is random)."""

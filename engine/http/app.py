@@ -327,6 +327,9 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
+        refresh = getattr(engine, "refresh_metrics", None)  # engines whose metrics live elsewhere (replicas)
+        if refresh is not None:
+            await refresh()
         return Response(state.metrics.render(), media_type=metrics_mod.CONTENT_TYPE)
 
     errors = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 422, 429, 500, 503)}

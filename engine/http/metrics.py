@@ -40,6 +40,7 @@ class _EngineCollector:
                                              "questions inside the engine (retrieval, merge or vLLM)")
         engine_in_flight.add_metric([], float(getattr(self.engine, "in_flight", 0)))
         yield engine_in_flight
+        yield from getattr(self.engine, "metric_families", ())  # e.g. the replicas' vLLM metrics, labelled
 
 
 class ServerMetrics:
