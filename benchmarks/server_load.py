@@ -32,6 +32,7 @@ from benchmarks.serve_throughput import _env, _prepare, default_dtype, load_nq
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key"
+WARM_UP = 8  # requests before the timed levels
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -194,8 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work) if args.work else out / "work"
     work.mkdir(parents=True, exist_ok=True)
     per_level = {c: (args.n if c >= 32 else args.low_n) for c in levels}
-    # every measurement gets its own questions: (modes x levels x {plain, stream}) + offline + the batching check
-    need = sum(per_level.values()) * 2 * len(modes) + args.n * len(modes) + args.long + 1
+    # every measurement gets its own questions: (modes x levels x {plain, stream}), the offline runs before and
+    # after the server, the warm-up and the batching check
+    need = sum(per_level.values()) * 2 * len(modes) + 2 * args.n * len(modes) + WARM_UP + args.long + 1
     site, records = _site(args, work, need)
     pool = iter([r["question"] for r in records])
 
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         async def drive() -> dict:
             client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0,
                                         timeout=600)
-            await _level(client, take(8), "prag", 8, False)  # warm-up
+            await _level(client, take(WARM_UP), "prag", WARM_UP, False)
             for mode in modes:
                 for c in levels:
                     rows.append(await _level(client, take(per_level[c]), mode, c, stream=False))
