@@ -31,11 +31,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks import save_results
+
 import torch
 
 from offline_encode.config import EncodeConfig
 from prag.errors import PragError
-from prag.io import atomic_write_json, atomic_write_text
+from prag.io import atomic_write_text
 
 SHARED_NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle.jsonl.gz"
 
@@ -259,10 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m benchmarks.encode_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     table = markdown_table(result)
-    atomic_write_json(out / "results.json", result)
-    atomic_write_text(out / "results.md", table)
-    print(table)
-    return result
+    return save_results(out, result, table)
 
 
 def markdown_table(result: dict) -> str:

@@ -31,7 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from prag.io import atomic_write_json, atomic_write_text
+from benchmarks import save_results
+
+from prag.io import atomic_write_text
 
 SHARED_NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle.jsonl.gz"
 TYPES = ("flat", "hnsw", "ivf", "ivfpq")
@@ -291,11 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     with tempfile.TemporaryDirectory(prefix="prag-bench-retrieval-") as tmp:
         res = run(data, Path(tmp), k=args.k, limit=args.limit)
-    atomic_write_json(out / "results.json", res)
     table = markdown(res)
-    atomic_write_text(out / "results.md", table)
-    print(table)
-    return res
+    return save_results(out, res, table)
 
 
 if __name__ == "__main__":

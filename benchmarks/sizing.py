@@ -33,8 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import save_results
+
 from prag.errors import PragError
-from prag.io import atomic_write_json, atomic_write_text, read_json
+from prag.io import read_json
 
 DPR_PASSAGES = 21_015_324  # psgs_w100.tsv
 SHARED_NQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "nq_open_oracle.jsonl.gz"
@@ -484,11 +486,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="prag-sizing-") as tmp:
         res = run(args, Path(tmp))
     res["argv"] = " ".join(argv)
-    atomic_write_json(out / "results.json", res)
     table = markdown(res)
-    atomic_write_text(out / "results.md", table)
-    print(table)
-    return res
+    return save_results(out, res, table)
 
 
 if __name__ == "__main__":
