@@ -843,26 +843,28 @@ class AdapterStore:
         raise ``MissingAdapterError``."""
         verify = self.verify_rows if verify is None else verify
         doc_ids = [str(d) for d in doc_ids]
+        out = torch.empty((len(doc_ids), self.layout.params_per_doc), dtype=STORAGE_DTYPES[self.storage_dtype])
+        problems: dict[str, str] = {}
+        paths: list[Path | None] = [None] * len(doc_ids)
+        # the lock covers the index and the open shard handles only: the checks below run outside it, so
+        # a server's event loop asking for ``version`` never waits for another request's row checks
         with self._mutex:
             where = self._locate(doc_ids)
-            out = torch.empty((len(doc_ids), self.layout.params_per_doc), dtype=STORAGE_DTYPES[self.storage_dtype])
-            problems: dict[str, str] = {}
-            paths: list[Path | None] = [None] * len(doc_ids)
-            for i, (shard_id, row, checksum) in enumerate(where):
+            for i, (shard_id, row, _) in enumerate(where):
                 try:
                     paths[i] = self._read_row(shard_id, row, out[i])
                 except ShardError as exc:
                     problems[doc_ids[i]], paths[i] = str(exc), exc.path
-                    continue
-                if verify and row_checksum(out[i], self.checksum) != checksum:
+        if verify:
+            for i, (_, _, checksum) in enumerate(where):
+                if doc_ids[i] not in problems and row_checksum(out[i], self.checksum) != checksum:
                     problems[doc_ids[i]] = "checksum mismatch"
-            if verify:
-                for i in nonfinite_rows(out):
-                    problems.setdefault(doc_ids[i], "NaN/inf values in the stored adapter")
-            if problems:
-                shards = {str(p) for d, p in zip(doc_ids, paths) if d in problems and p is not None}
-                raise CorruptAdapterError(self.path, problems, shards, self.repair_hint())
-            return out
+            for i in nonfinite_rows(out):
+                problems.setdefault(doc_ids[i], "NaN/inf values in the stored adapter")
+        if problems:
+            shards = {str(p) for d, p in zip(doc_ids, paths) if d in problems and p is not None}
+            raise CorruptAdapterError(self.path, problems, shards, self.repair_hint())
+        return out
 
     def get_many(self, doc_ids: Sequence[str], verify: bool | None = None) -> list[dict[str, torch.Tensor]]:
         """float32 adapters (config key convention) for ``doc_ids``; unknown ids raise ``MissingAdapterError``,

@@ -409,6 +409,7 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
         t_run = time.monotonic()  # the engine's timings count from here
         run = _Run(engine, preqs, rid, stream_tokens=req.stream)
         handed_over = False
+        collect: asyncio.Future | None = None
         gone = asyncio.ensure_future(_until_disconnect(request))
         try:
             if req.stream:
@@ -416,14 +417,21 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
                 handed_over = True
                 chunks = _sse(run, events, len(preqs), req, kind, rid, track)
                 return StreamingResponse(chunks, media_type="text/event-stream", headers=STREAM_HEADERS)
-            answers = await _answers(run, len(preqs), gone, param)
+            # one wait for the whole answer, raced once against the disconnect watcher (not per event)
+            collect = asyncio.ensure_future(_answers(run, len(preqs), param))
+            done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if collect not in done:
+                raise _ClientGone
+            answers = collect.result()
             for a in answers:
                 state.metrics.observe_answer(track.mode, a)
             ttft = min((a.timings.get("ttft_s", float("inf")) for a in answers), default=float("inf"))
             if ttft < float("inf"):
                 track.first_token(t_run + ttft)
             track.finish(200)
-            return JSONResponse(_response(req, kind, rid, answers, track.mode).model_dump(mode="json"))
+            # pydantic-core writes the JSON itself: no intermediate dict and no json.dumps
+            return Response(_response(req, kind, rid, answers, track.mode).model_dump_json(),
+                            media_type="application/json")
         except _ClientGone:
             track.finish(499)
             return Response(status_code=499)
@@ -435,15 +443,17 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
             raise
         finally:
             gone.cancel()
+            if collect is not None:
+                collect.cancel()
             if not handed_over:
                 run.cancel()
                 state.give(len(preqs))
 
-    async def _answers(run: _Run, n: int, gone: asyncio.Future, param: str) -> list[Any]:
+    async def _answers(run: _Run, n: int, param: str) -> list[Any]:
         answers: list[Any] = [None] * n
         left = n
         while left:
-            i, ev = await run.next(gone)
+            i, ev = await run.next()
             if isinstance(ev, BaseException):
                 raise _engine_error(ev)
             if isinstance(ev, Finished):
