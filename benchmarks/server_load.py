@@ -42,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import save_results
 from benchmarks.serve_throughput import _env, _prepare, default_dtype, load_nq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,7 +229,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", help="cache folder for the model/index/store (default OUT/work)")
     args = p.parse_args(argv)
     _env()
-    from prag.io import atomic_write_json, atomic_write_text
 
     levels = [int(x) for x in args.levels.split(",")]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -262,38 +262,47 @@ def main(argv: list[str] | None = None) -> dict:
         server = _start_server(site, args, out / "server.log")
 
         async def drive() -> dict:
+            async def level(questions: list[str], mode: str, clients: int, stream: bool) -> dict:
+                # a fresh client (and connection pool) per level: the server drops idle keep-alive
+                # connections after 5 s, and the offline runs leave them idle for longer
+                client = _client(server.port, args.http_client)
+                try:
+                    return await _level(client, questions, mode, clients, stream)
+                finally:
+                    await client.close()
+
+            await level([next(rest) for _ in range(WARM_UP)], "prag", WARM_UP, False)
+            for mode in modes:
+                pool = iter(shared)
+
+                def take(n: int) -> list[str]:
+                    return [next(pool) for _ in range(n)]
+
+                for c in levels:
+                    if c == top:
+                        # the offline batch answers the same questions as each HTTP run (its caches
+                        # are cleared first); the two alternate, offline first in even pairs and HTTP
+                        # first in odd ones, so a slow spell of this shared host hits both alike
+                        for r in range(args.repeats):
+                            qs = take(plain_n[c])
+                            for side in (("offline", "http") if r % 2 == 0 else ("http", "offline")):
+                                if side == "offline":
+                                    offline_runs[mode].append(
+                                        await asyncio.to_thread(_offline, offline_eng, qs, mode))
+                                else:
+                                    rows.append(await level(qs, mode, c, stream=False))
+                            print(f"{mode}: offline {offline_runs[mode][-1]:.1f} q/s, HTTP c={c} "
+                                  f"{rows[-1]['questions_per_s']:.1f} q/s", flush=True)
+                    else:
+                        rows.append(await level(take(plain_n[c]), mode, c, stream=False))
+                    rows.append(await level(take(stream_n[c]), mode, c, stream=True))
+                    print(f"{mode} c={c}: {rows[-2]['questions_per_s']:.1f} q/s, p50 {rows[-2]['p50_s']:.3f} s, "
+                          f"ttft p50 {rows[-1]['ttft_p50_s']:.3f} s", flush=True)
+                burst = await level(take(top), mode, top, stream=False)
+                rows.append({**burst, "burst": True})
+                print(f"{mode} burst of {top}: {burst['questions_per_s']:.1f} q/s", flush=True)
             client = _client(server.port, args.http_client)
             try:
-                await _level(client, [next(rest) for _ in range(WARM_UP)], "prag", WARM_UP, False)
-                for mode in modes:
-                    pool = iter(shared)
-
-                    def take(n: int) -> list[str]:
-                        return [next(pool) for _ in range(n)]
-
-                    for c in levels:
-                        if c == top:
-                            # the offline batch answers the same questions as each HTTP run (its caches
-                            # are cleared first); the two alternate, offline first in even pairs and HTTP
-                            # first in odd ones, so a slow spell of this shared host hits both alike
-                            for r in range(args.repeats):
-                                qs = take(plain_n[c])
-                                for side in (("offline", "http") if r % 2 == 0 else ("http", "offline")):
-                                    if side == "offline":
-                                        offline_runs[mode].append(
-                                            await asyncio.to_thread(_offline, offline_eng, qs, mode))
-                                    else:
-                                        rows.append(await _level(client, qs, mode, c, stream=False))
-                                print(f"{mode}: offline {offline_runs[mode][-1]:.1f} q/s, HTTP c={c} "
-                                      f"{rows[-1]['questions_per_s']:.1f} q/s", flush=True)
-                        else:
-                            rows.append(await _level(client, take(plain_n[c]), mode, c, stream=False))
-                        rows.append(await _level(client, take(stream_n[c]), mode, c, stream=True))
-                        print(f"{mode} c={c}: {rows[-2]['questions_per_s']:.1f} q/s, p50 {rows[-2]['p50_s']:.3f} s, "
-                              f"ttft p50 {rows[-1]['ttft_p50_s']:.3f} s", flush=True)
-                    burst = await _level(client, take(top), mode, top, stream=False)
-                    rows.append({**burst, "burst": True})
-                    print(f"{mode} burst of {top}: {burst['questions_per_s']:.1f} q/s", flush=True)
                 return await _continuous_batching(client, [next(rest) for _ in range(args.long + 1)], args.long)
             finally:
                 await client.close()
@@ -340,11 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     md += (f"\nContinuous batching: a 2-token request sent while {batching['long_requests']} requests of up to 120 "
            f"tokens decode took {batching['short_latency_s']:.3f} s, {batching['ratio']:.3f}x of their "
            f"{batching['long_wall_s']:.2f} s wall time.\n")
-    atomic_write_json(out / "results.json", result)
-    atomic_write_text(out / "results.md", md)
     _chart([r for r in rows if not r.get("burst")], offline, out / "load.png")
-    print(md)
-    return result
+    return save_results(out, result, md)
 
 
 if __name__ == "__main__":
