@@ -48,6 +48,7 @@ from benchmarks.serve_throughput import _env, _prepare, default_dtype, load_nq
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key"
 WARM_UP = 8  # requests before the timed levels
+OFFLINE_WARM_UP = 4  # questions the offline engine answers in each mode before it is timed
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     # cold); the modes share one sequence (the NQ file has 2,655 questions), see the module doc.
     need = sum(plain_n[c] + stream_n[c] for c in levels if c != top) + args.repeats * offline_n \
         + stream_n[top] + top
-    extra = WARM_UP + args.long + 1
+    extra = WARM_UP + OFFLINE_WARM_UP + args.long + 1
     site, records = _site(args, work, need + extra)
     if len(records) < need + extra:
         p.error(f"the NQ file has {len(records)} questions; this run needs {need + extra} (lower --levels, "
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     offline_runs: dict[str, list[float]] = {m: [] for m in modes}
     rows: list[dict] = []
-    offline_eng = _offline_engine(site, args, [next(rest) for _ in range(4)])
+    offline_eng = _offline_engine(site, args, [next(rest) for _ in range(OFFLINE_WARM_UP)])
     server = None
     try:
         server = _start_server(site, args, out / "server.log")
