@@ -79,13 +79,13 @@ def _engine_config(args):
                         max_model_len=args.max_model_len, max_loras=args.max_loras)
 
 
-def _offline_engine(site: dict, args, warm_up: list[str]):
+def _offline_engine(site: dict, args, warm_up: list[str], modes: list[str]):
     """The offline side: one warm ``Engine`` in this process, open (and idle) while the server runs, so
     offline and HTTP runs can alternate."""
     from engine.engine import Engine
 
     eng = Engine(site["model"], index=site["index"], store=site["store"], config=_engine_config(args))
-    for mode in ("prag", "rag"):
+    for mode in modes:
         eng.generate(warm_up, mode=mode)  # kernels, embedder
     return eng
 
@@ -202,9 +202,9 @@ def _client(port: int, transport: str):
                               **extra)
 
 
-def _row(rows: list[dict], mode: str, clients: int, stream: bool = False, burst: bool = False) -> dict:
-    return next(r for r in rows if r["mode"] == mode and r["concurrency"] == clients and r["stream"] == stream
-                and r.get("burst", False) == burst)
+def _rows(rows: list[dict], mode: str, clients: int, stream: bool = False, burst: bool = False) -> list[dict]:
+    return [r for r in rows if r["mode"] == mode and r["concurrency"] == clients and r["stream"] == stream
+            and r.get("burst", False) == burst]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     offline_runs: dict[str, list[float]] = {m: [] for m in modes}
     rows: list[dict] = []
-    offline_eng = _offline_engine(site, args, [next(rest) for _ in range(OFFLINE_WARM_UP)])
+    offline_eng = _offline_engine(site, args, [next(rest) for _ in range(OFFLINE_WARM_UP)], modes)
     server = None
     try:
         server = _start_server(site, args, out / "server.log")
@@ -314,10 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
             server.stop()
         offline_eng.close()
     offline = {m: statistics.mean(v) for m, v in offline_runs.items()}
-    http_top = {m: statistics.mean(r["questions_per_s"] for r in rows if r["mode"] == m and r["concurrency"] == top
-                                   and not r["stream"] and not r.get("burst")) for m in modes}
+    http_top = {m: statistics.mean(r["questions_per_s"] for r in _rows(rows, m, top)) for m in modes}
     ratios = {m: http_top[m] / offline[m] for m in modes}
-    burst_ratios = {m: _row(rows, m, top, burst=True)["questions_per_s"] / offline[m] for m in modes}
+    burst_ratios = {m: _rows(rows, m, top, burst=True)[0]["questions_per_s"] / offline[m] for m in modes}
     result = {"meta": {"size": args.size, "dtype": args.dtype, "top_k": args.top_k,
                        "max_new_tokens": args.max_new_tokens, "levels": levels, "requests_per_level": plain_n,
                        "streamed_requests_per_level": stream_n, "offline_questions": offline_n,
@@ -334,12 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"\n|---|---|---|---|---|---|---|\n")
     for m in modes:
         for c in levels:
-            st = _row(rows, m, c, stream=True)
-            for plain in [r for r in rows if r["mode"] == m and r["concurrency"] == c and not r["stream"]
-                          and not r.get("burst")]:
+            st = _rows(rows, m, c, stream=True)[0]
+            for plain in _rows(rows, m, c):
                 md += (f"| {m} | {c} | {plain['requests']} | {plain['questions_per_s']:.1f} | {plain['p50_s']:.3f} | "
                        f"{plain['p99_s']:.3f} | {st['ttft_p50_s']:.3f} |\n")
-        b = _row(rows, m, top, burst=True)
+        b = _rows(rows, m, top, burst=True)[0]
         md += (f"| {m} | {top}, one burst | {b['requests']} | {b['questions_per_s']:.1f} | {b['p50_s']:.3f} | "
                f"{b['p99_s']:.3f} | |\n")
     md += "\n" + "\n".join(
